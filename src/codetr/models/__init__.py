@@ -1,0 +1,1 @@
+"""Plain ``torch.nn`` detector code: no Lightning imports below this package."""
