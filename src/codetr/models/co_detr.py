@@ -1,0 +1,96 @@
+"""Co-DETR detector: backbone -> neck -> Co-DINO query head, with one-to-many auxiliary heads (RPN + RoI,
+ATSS) trained on the encoder's multi-scale output. At inference only backbone, neck and query head run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from codetr.models.heads.co_dino_head import CoDINOHead
+
+
+def image_padding_mask(image_sizes: Tensor, batch_shape: Sequence[int]) -> Tensor:
+    """``(B, H, W)`` bool, True outside each image's valid ``(h, w)`` (top-left aligned)."""
+    height, width = int(batch_shape[0]), int(batch_shape[1])
+    rows = torch.arange(height, device=image_sizes.device)[None, :, None]
+    cols = torch.arange(width, device=image_sizes.device)[None, None, :]
+    return (rows >= image_sizes[:, 0, None, None]) | (cols >= image_sizes[:, 1, None, None])
+
+
+def _suffixed(losses: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+    return {f"{key}{index}": value for key, value in losses.items()}
+
+
+class CoDETR(nn.Module):
+    """The detector. ``forward(images, image_sizes, targets)``.
+
+    Args (inputs):
+        images: ``(B, 3, H, W)`` normalised, padded bottom/right.
+        image_sizes: ``(B, 2)`` int (h, w) valid size per image (LSJ: the whole canvas).
+        targets: training only; per image ``{"boxes": (N, 4) xyxy input pixels, "labels": (N,) int64}``.
+
+    Returns:
+        training: dict of named loss tensors (+ ``acc0``, not a loss); eval: per image
+        ``{"boxes" (N, 4) xyxy input pixels, "scores" (N,), "labels" (N,)}``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        query_head: CoDINOHead,
+        rpn_head: nn.Module | None = None,
+        roi_head: Sequence[nn.Module] | None = None,
+        bbox_head: Sequence[nn.Module] | None = None,
+        use_positive_queries: bool = True,
+    ):
+        super().__init__()
+        self.backbone, self.neck, self.query_head = backbone, neck, query_head
+        self.rpn_head = rpn_head
+        self.roi_head = nn.ModuleList(roi_head or [])
+        self.bbox_head = nn.ModuleList(bbox_head or [])
+        if len(self.roi_head) and rpn_head is None:
+            raise ValueError("roi_head needs an rpn_head to produce proposals")
+        self.use_positive_queries = use_positive_queries
+
+    def extract_features(self, images: Tensor) -> list[Tensor]:
+        return list(self.neck(self.backbone(images)))
+
+    def forward(
+        self, images: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        img_mask = image_padding_mask(image_sizes, images.shape[-2:])
+        feats = self.extract_features(images)
+        if not self.training:
+            return self.query_head.predict(feats, img_mask, image_sizes)
+        if targets is None:
+            raise ValueError("CoDETR in training mode needs targets; call .eval() for predictions")
+        return self.losses(feats, img_mask, image_sizes, targets)
+
+    def losses(
+        self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        losses, state = self.query_head.loss(feats, img_mask, image_sizes, targets)
+        if self.rpn_head is None and not len(self.bbox_head):
+            return losses
+        pyramid = self.query_head.aux_pyramid(state)
+        positives = []
+        if self.rpn_head is not None:
+            agnostic = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])} for t in targets]
+            rpn_losses, proposals = self.rpn_head.loss_and_proposals(pyramid, image_sizes, agnostic)
+            losses.update(rpn_losses)
+            for index, head in enumerate(self.roi_head):
+                roi_losses, found = head.loss(pyramid[:-1], proposals, image_sizes, targets)
+                losses.update(_suffixed(roi_losses, index))
+                positives.append(found)
+        for index, head in enumerate(self.bbox_head):
+            head_losses, found = head.loss(pyramid, image_sizes, targets)
+            losses.update(_suffixed(head_losses, index + len(self.roi_head)))
+            positives.append(found)
+        if self.use_positive_queries:
+            for index, found in enumerate(positives):
+                aux = self.query_head.loss_positive_queries(state, found, index, image_sizes)
+                losses.update(_suffixed(aux, index))
+        return losses

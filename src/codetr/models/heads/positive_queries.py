@@ -1,0 +1,76 @@
+"""Co-DETR's customised positive queries: turn an auxiliary head's positive boxes into decoder queries and
+one-to-one targets (spec 3.10). Written by hand: Co-DETR-specific.
+
+Randomness (which positives to keep when there are too many, which negatives pad the rest) is drawn with
+``torch.randperm`` on the CPU default generator, image by image, as the reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from codetr.models.box_ops import xyxy_to_cxcywh
+
+
+@dataclass
+class PositiveQueryTargets:
+    """boxes ``(B, M, 4)`` normalised cxcywh (query reference boxes); labels ``(B, M)`` (K = background);
+    targets ``(B, M, 4)`` normalised cxcywh; label_weights ``(B, M)``; box_weights ``(B, M, 4)``."""
+
+    boxes: Tensor
+    labels: Tensor
+    targets: Tensor
+    label_weights: Tensor
+    box_weights: Tensor
+
+
+def build_positive_queries(
+    coords: list[Tensor],
+    labels: list[Tensor],
+    targets: list[Tensor],
+    image_sizes: Tensor,
+    num_classes: int,
+    max_queries: int = 300,
+    min_queries: int = 9,
+) -> PositiveQueryTargets:
+    """Select ``M = max(min_queries, min(max_queries, most positives in an image))`` candidates per image.
+
+    Args:
+        coords / labels / targets: per image ``(N_i, 4)`` xyxy absolute candidate boxes, ``(N_i,)`` labels
+            (``num_classes`` = negative), ``(N_i, 4)`` xyxy absolute assigned GT boxes (zeros for negatives).
+        image_sizes: ``(B, 2)`` (h, w) used for normalisation.
+
+    Every image keeps (a random subset of at most M of) its positives and is filled up to M with randomly chosen
+    negative candidates of the same image; those are trained as background.
+    """
+    positives = [torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1) for lab in labels]
+    count = max(min_queries, min(max_queries, max((len(p) for p in positives), default=0)))
+    batch = len(coords)
+    device = coords[0].device
+    out_boxes, out_labels, out_targets = [], [], []
+    box_weights = torch.zeros(batch, count, 4, device=device)
+    for image in range(batch):
+        pos = positives[image]
+        neg = torch.nonzero(labels[image] == num_classes).squeeze(1)
+        if len(pos) > count:
+            pos = pos[torch.randperm(len(pos))[:count].to(device)]
+        keep = pos
+        box_weights[image, : len(pos)] = 1.0
+        if len(pos) < count:
+            pad = neg[torch.randperm(len(neg))[: count - len(pos)].to(device)]
+            keep = torch.cat([pos, pad])
+        h, w = image_sizes[image].tolist()
+        factor = coords[image].new_tensor([w, h, w, h])
+        out_boxes.append(xyxy_to_cxcywh(coords[image][keep] / factor))
+        out_labels.append(labels[image][keep])
+        out_targets.append(xyxy_to_cxcywh(targets[image][keep] / factor))
+    return PositiveQueryTargets(
+        torch.stack(out_boxes),
+        torch.stack(out_labels),
+        torch.stack(out_targets),
+        torch.ones(batch, count, device=device),
+        box_weights,
+    )
