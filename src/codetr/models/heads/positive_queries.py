@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.models.box_ops import xyxy_to_cxcywh
@@ -44,7 +45,8 @@ def build_positive_queries(
         image_sizes: ``(B, 2)`` (h, w) used for normalisation.
 
     Every image keeps (a random subset of at most M of) its positives and is filled up to M with randomly chosen
-    negative candidates of the same image; those are trained as background.
+    negative candidates of the same image; those are trained as background. An image with fewer than M candidates
+    in all is padded with empty background boxes (never happens with real anchors / RoIs; keeps odd inputs alive).
     """
     positives = [torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1) for lab in labels]
     count = max(min_queries, min(max_queries, max((len(p) for p in positives), default=0)))
@@ -64,9 +66,10 @@ def build_positive_queries(
             keep = torch.cat([pos, pad])
         h, w = image_sizes[image].tolist()
         factor = coords[image].new_tensor([w, h, w, h])
-        out_boxes.append(xyxy_to_cxcywh(coords[image][keep] / factor))
-        out_labels.append(labels[image][keep])
-        out_targets.append(xyxy_to_cxcywh(targets[image][keep] / factor))
+        missing = count - len(keep)  # only when an image has too few candidates at all: pad with empty boxes
+        out_boxes.append(F.pad(xyxy_to_cxcywh(coords[image][keep] / factor), (0, 0, 0, missing)))
+        out_labels.append(F.pad(labels[image][keep], (0, missing), value=num_classes))
+        out_targets.append(F.pad(xyxy_to_cxcywh(targets[image][keep] / factor), (0, 0, 0, missing)))
     return PositiveQueryTargets(
         torch.stack(out_boxes),
         torch.stack(out_labels),
