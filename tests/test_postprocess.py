@@ -28,3 +28,13 @@ def test_postprocess_top_k_over_queries_and_classes_and_clamping():
     assert det["labels"].tolist() == [0, 0, 1]
     torch.testing.assert_close(det["boxes"][0], torch.tensor([80.0, 40.0, 120.0, 60.0]))
     torch.testing.assert_close(det["boxes"][1], torch.tensor([170.0, 30.0, 200.0, 70.0]))  # clamped at w = 200
+
+
+def test_more_candidates_can_enter_soft_nms_than_are_returned():
+    torch.manual_seed(0)
+    logits, boxes = torch.randn(1, 10, 3), torch.rand(1, 10, 4) * 0.5 + 0.25
+    sizes = torch.tensor([[50, 50]])
+    (few,) = postprocess(logits, boxes, sizes, max_per_image=5, soft_nms_iou=0.5)
+    (many,) = postprocess(logits, boxes, sizes, max_per_image=5, soft_nms_iou=0.5, candidates_before_nms=30)
+    assert len(few["scores"]) <= 5 and len(many["scores"]) == 5
+    assert (many["scores"][:-1] >= many["scores"][1:]).all()

@@ -47,20 +47,25 @@ def postprocess(
     max_per_image: int = 300,
     soft_nms_iou: float | None = 0.8,
     soft_nms_min_score: float = 1e-3,
+    candidates_before_nms: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """Detections from the last decoder layer.
 
     Args:
         logits ``(B, Q, K)``; boxes ``(B, Q, 4)`` normalised cxcywh; image_sizes ``(B, 2)`` (h, w).
         soft_nms_iou: None = the NMS-free top-k of the paper.
+        candidates_before_nms: how many top scores enter soft-NMS (mmdet-3 port: ``max_per_image``, the default;
+            original Co-DETR: the number of queries, 900); the output is cut to ``max_per_image`` afterwards.
 
     Returns:
         per image ``{boxes (N, 4) xyxy input pixels clamped to the image, scores (N,), labels (N,)}``.
     """
     num_classes = logits.shape[-1]
     results = []
+    use_nms = soft_nms_iou is not None
+    candidates = (candidates_before_nms or max_per_image) if use_nms else max_per_image
     for image in range(logits.shape[0]):
-        scores, index = logits[image].sigmoid().flatten().topk(min(max_per_image, logits[image].numel()))
+        scores, index = logits[image].sigmoid().flatten().topk(min(candidates, logits[image].numel()))
         labels = index % num_classes
         picked = cxcywh_to_xyxy(boxes[image][index // num_classes])
         h, w = image_sizes[image].to(picked.dtype)
@@ -68,7 +73,7 @@ def postprocess(
         picked = torch.stack(
             [picked[:, 0].clamp(0, w), picked[:, 1].clamp(0, h), picked[:, 2].clamp(0, w), picked[:, 3].clamp(0, h)], 1
         )
-        if soft_nms_iou is not None and len(picked):
+        if use_nms and len(picked):
             keep, scores = soft_nms(picked, scores, labels, soft_nms_iou, soft_nms_min_score)
             picked, labels = picked[keep], labels[keep]
             scores, picked, labels = scores[:max_per_image], picked[:max_per_image], labels[:max_per_image]

@@ -43,8 +43,9 @@ class CoDINOHead(nn.Module):
             switches it off (ablation; the reference always trains with it).
         loss_cls_weight / loss_bbox_weight / loss_iou_weight / qfl_beta: DETR-side losses (spec 4).
         match_*: Hungarian costs; max_pos_queries: cap of customised positive queries per image (spec 3.10).
-        max_per_image / soft_nms_iou / soft_nms_min_score: test-time post-processing (spec 7); soft_nms_iou None
-            gives the NMS-free top-k.
+        max_per_image / soft_nms_iou / soft_nms_min_score / candidates_before_nms: test-time post-processing
+            (spec 7); soft_nms_iou None gives the NMS-free top-k; candidates_before_nms None = max_per_image (mmdet-3
+            port), the original uses num_queries (900).
         sync_cls_avg_factor: average the classification normaliser over ranks (original Co-DETR: True; the
             mmdet-3 port: False).
     """
@@ -70,6 +71,7 @@ class CoDINOHead(nn.Module):
         max_per_image: int = 300,
         soft_nms_iou: float | None = 0.8,
         soft_nms_min_score: float = 1e-3,
+        candidates_before_nms: int | None = None,
         sync_cls_avg_factor: bool = False,
         prior_prob: float = 0.01,
     ):
@@ -100,6 +102,7 @@ class CoDINOHead(nn.Module):
         )
         self.max_pos_queries, self.min_pos_queries = max_pos_queries, min_pos_queries
         self.max_per_image, self.soft_nms_iou, self.soft_nms_min_score = max_per_image, soft_nms_iou, soft_nms_min_score
+        self.candidates_before_nms = candidates_before_nms
 
     # ------------------------------------------------------------------ shared pieces
     def level_masks(self, feats: list[Tensor], img_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -193,5 +196,6 @@ class CoDINOHead(nn.Module):
         """Detections of the last decoder layer (xyxy input pixels); the auxiliary parts are not touched."""
         logits, boxes, _ = self(feats, img_mask, None)
         return postprocess(
-            logits[-1], boxes[-1], image_sizes, self.max_per_image, self.soft_nms_iou, self.soft_nms_min_score
+            logits[-1], boxes[-1], image_sizes, self.max_per_image, self.soft_nms_iou, self.soft_nms_min_score,
+            self.candidates_before_nms,
         )
