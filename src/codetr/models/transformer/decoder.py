@@ -12,11 +12,13 @@ from codetr.models.transformer.position import box_sine_embedding
 
 
 class DinoDecoderLayer(nn.Module):
-    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int):
+    def __init__(
+        self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, attention_impl: str = "auto"
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=0.0, batch_first=True)
         self.norm1 = nn.LayerNorm(embed_dims)
-        self.cross_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points)
+        self.cross_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, attention_impl)
         self.norm2 = nn.LayerNorm(embed_dims)
         self.ffn = FFN(embed_dims, ffn_dims)
         self.norm3 = nn.LayerNorm(embed_dims)
@@ -52,11 +54,13 @@ class DinoDecoder(nn.Module):
         num_levels: int = 5,
         num_points: int = 4,
         ffn_dims: int = 2048,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.embed_dims = embed_dims
         self.layers = nn.ModuleList(
-            DinoDecoderLayer(embed_dims, num_heads, num_levels, num_points, ffn_dims) for _ in range(num_layers)
+            DinoDecoderLayer(embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl)
+            for _ in range(num_layers)
         )
         self.ref_point_head = nn.Sequential(
             nn.Linear(2 * embed_dims, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)

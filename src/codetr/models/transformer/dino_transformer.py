@@ -52,7 +52,12 @@ def valid_ratios_of(mask: Tensor) -> Tensor:
 
 class DinoTransformer(nn.Module):
     """Parameter names follow the reference (``level_embeds``, ``encoder``, ``decoder``, ``enc_output``,
-    ``enc_output_norm``, ``query_embed``, ``aux_pos_trans``, ``aux_pos_trans_norm``)."""
+    ``enc_output_norm``, ``query_embed``, ``aux_pos_trans``, ``aux_pos_trans_norm``).
+
+    ``encoder_checkpoint_layers``: activation checkpointing of the first N encoder layers (reference: 4 for R50,
+    6 for Swin-L/ViT-L; no numerical effect). ``attention_impl``: deformable-attention kernel (auto, pytorch,
+    cpu_kernel; see :mod:`codetr.models.transformer.ms_deform_attn`).
+    """
 
     def __init__(
         self,
@@ -68,15 +73,19 @@ class DinoTransformer(nn.Module):
         encoder_checkpoint_layers: int = 0,
         proposal_base_size: float = 0.05,
         proposal_valid_range: tuple[float, float] = (0.01, 0.99),
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.embed_dims, self.num_levels, self.num_queries = embed_dims, num_levels, num_queries
         self.proposal_base_size, self.proposal_valid_range = proposal_base_size, tuple(proposal_valid_range)
         self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dims))
         self.encoder = DeformableEncoder(
-            num_encoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, encoder_checkpoint_layers
+            num_encoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, encoder_checkpoint_layers,
+            attention_impl,
         )
-        self.decoder = DinoDecoder(num_decoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims)
+        self.decoder = DinoDecoder(
+            num_decoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl
+        )
         self.enc_output = nn.Linear(embed_dims, embed_dims)
         self.enc_output_norm = nn.LayerNorm(embed_dims)
         self.query_embed = nn.Embedding(num_queries, embed_dims)

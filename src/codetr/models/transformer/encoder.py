@@ -11,9 +11,11 @@ from codetr.models.transformer.ms_deform_attn import LevelLayout, MultiScaleDefo
 
 
 class DeformableEncoderLayer(nn.Module):
-    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int):
+    def __init__(
+        self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, attention_impl: str = "auto"
+    ):
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points)
+        self.self_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, attention_impl)
         self.norm1 = nn.LayerNorm(embed_dims)
         self.ffn = FFN(embed_dims, ffn_dims)
         self.norm2 = nn.LayerNorm(embed_dims)
@@ -58,10 +60,12 @@ class DeformableEncoder(nn.Module):
         num_points: int = 4,
         ffn_dims: int = 2048,
         checkpoint_layers: int = 0,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(embed_dims, num_heads, num_levels, num_points, ffn_dims) for _ in range(num_layers)
+            DeformableEncoderLayer(embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl)
+            for _ in range(num_layers)
         )
         self.checkpoint_layers = checkpoint_layers
 

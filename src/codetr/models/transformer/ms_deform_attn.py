@@ -1,18 +1,41 @@
 """Multi-scale deformable attention (Deformable DETR), written by hand: no well-kept library ships it.
 
-The sampling core is the exact pure-PyTorch formulation (one ``grid_sample`` per level): it runs on every
-device, exports, and is the reference the fast kernels are tested against. It always runs in float32, also
-under autocast, because bilinear sampling locations lose too much precision in bf16/fp16.
+The sampling core has two implementations, chosen per module by ``impl``:
+
+* ``"pytorch"``: the exact pure-PyTorch formulation (one ``grid_sample`` per level); runs on every device,
+  exports, and is the reference the fast kernels are tested against;
+* ``"cpu_kernel"``: a compiled C++ kernel (``ms_deform_attn_cpu``), same sum without the large intermediate;
+* ``"auto"`` (default): the CPU kernel for CPU tensors when it builds, else the exact path (also while tracing,
+  exporting or compiling).
+
+Sampling always runs in float32, also under autocast, because bilinear sampling locations lose too much
+precision in bf16/fp16.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+AttentionImpl = Literal["auto", "pytorch", "cpu_kernel"]
+
+
+def _use_cpu_kernel(impl: str, tensor: Tensor) -> bool:
+    if impl == "pytorch" or tensor.device.type != "cpu":
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    from codetr.models.transformer.ms_deform_attn_cpu import cpu_kernel_available
+
+    available = cpu_kernel_available()
+    if impl == "cpu_kernel" and not available:
+        raise RuntimeError("deformable attention impl='cpu_kernel' requested but the kernel could not be built")
+    return available
 
 
 class LevelLayout(NamedTuple):
@@ -73,8 +96,18 @@ class MultiScaleDeformableAttention(nn.Module):
     The residual connection is left to the caller.
     """
 
-    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        impl: AttentionImpl = "auto",
+    ):
         super().__init__()
+        if impl not in ("auto", "pytorch", "cpu_kernel"):
+            raise ValueError(f"deformable attention impl must be auto, pytorch or cpu_kernel, got {impl!r}")
+        self.impl = impl
         if embed_dims % num_heads:
             raise ValueError(f"embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
         self.embed_dims, self.num_heads = embed_dims, num_heads
@@ -141,5 +174,10 @@ class MultiScaleDeformableAttention(nn.Module):
                 locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
             else:
                 raise ValueError(f"reference_points must end in 2 or 4 values, got {tuple(reference_points.shape)}")
-            out = multi_scale_deformable_attention(value, layout.shapes, locations, weights)
+            if _use_cpu_kernel(self.impl, value):
+                from codetr.models.transformer.ms_deform_attn_cpu import multi_scale_deformable_attention_cpu
+
+                out = multi_scale_deformable_attention_cpu(value, layout.shapes, locations, weights)
+            else:
+                out = multi_scale_deformable_attention(value, layout.shapes, locations, weights)
         return self.output_proj(out.to(query.dtype))
