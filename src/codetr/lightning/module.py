@@ -1,0 +1,186 @@
+"""``CoDETRModule``: the thin Lightning shell around the plain-torch detector.
+
+It normalises uint8 batches on the device, sums the detector's loss terms, logs them, builds the reference
+optimiser / schedule (:mod:`codetr.lightning.optim`) and evaluates COCO-style AP on the ORIGINAL image frame
+(detections are divided by each image's resize ``scale_factors`` before they reach the evaluator).
+
+Checkpoint keys are ``detector.<mmdet-like names>`` (``detector.backbone.*``, ``detector.query_head.*``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from codetr.data import normalize_images
+from codetr.lightning.optim import build_optimizer, build_schedulers
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
+    """Sum of every entry whose key contains ``loss`` (list values summed element-wise); ``acc*`` etc. excluded."""
+    terms = []
+    for key, value in losses.items():
+        if "loss" not in key:
+            continue
+        terms.extend(value if isinstance(value, list | tuple) else [value])
+    if not terms:
+        raise ValueError(f"the detector returned no loss terms (keys: {sorted(losses)})")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+def to_original_frame(detections: Sequence[dict[str, Tensor]], scale_factors: Tensor) -> list[dict[str, Tensor]]:
+    """Detections ``xyxy`` in input pixels -> original image pixels: divide by ``scale_factors`` ``(B, 2)``
+    (w_scale, h_scale). LSJ / DETR padding lies bottom/right, so no offset is involved (spec 7 step 4)."""
+    out = []
+    for det, (w_scale, h_scale) in zip(detections, scale_factors.tolist()):
+        factor = det["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
+        out.append({**det, "boxes": det["boxes"] / factor})
+    return out
+
+
+class CoDETRModule(pl.LightningModule):
+    """Training / evaluation / prediction of a :class:`codetr.models.co_detr.CoDETR`.
+
+    Args:
+        detector: the ``nn.Module`` (kept as ``self.detector``).
+        optimizer: mapping with ``lr``, ``weight_decay``, ``betas``, ``eps``, ``backbone_lr_mult``,
+            ``layer_decay`` (None or float), ``layer_decay_num_layers``, ``no_decay_1d``.
+        scheduler: mapping with ``milestones`` (epochs), ``gamma``, ``warmup_iters``, ``warmup_ratio``.
+        pixel_mean / pixel_std: RGB normalisation on the 0-255 scale.
+        class_names: K names (predictions / images); optional.
+        evaluator_factory: ``callable(stage) -> evaluator`` with ``update(image_ids, detections)`` and
+            ``compute() -> dict[str, float]`` (e.g. :class:`codetr.evaluation.CocoEvaluator`); when None the
+            datamodule's ``evaluator(stage)`` is used if it has one, else AP is not computed.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+        class_names: Sequence[str] | None = None,
+        evaluator_factory: Callable[[str], Any] | None = None,
+    ):
+        super().__init__()
+        self.detector = detector
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.evaluator_factory = evaluator_factory
+        self._evaluators: dict[str, Any] = {}
+        self.save_hyperparameters(
+            {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
+             "pixel_std": list(pixel_std)}
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def normalize(self, batch: Any) -> Tensor:
+        """uint8 ``(B, 3, H, W)`` -> normalised float; padded pixels (``batch.padding_mask``) set to 0."""
+        return normalize_images(batch.images, batch.padding_mask, self.pixel_mean, self.pixel_std)
+
+    def detect_input_frame(self, batch: Any) -> list[dict[str, Tensor]]:
+        """Main-head detections, ``xyxy`` in network-input pixels (the detector runs in eval mode, so no
+        auxiliary head is executed)."""
+        was_training = self.detector.training
+        self.detector.eval()
+        try:
+            return self.detector(self.normalize(batch), batch.image_sizes)
+        finally:
+            self.detector.train(was_training)
+
+    def detect(self, batch: Any) -> list[dict[str, Tensor]]:
+        """Main-head detections in ORIGINAL image pixels."""
+        return to_original_frame(self.detect_input_frame(batch), batch.scale_factors)
+
+    def forward(self, batch: Any) -> list[dict[str, Tensor]]:
+        return self.detect(batch)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses = self.detector(self.normalize(batch), batch.image_sizes, batch.targets)
+        loss = total_loss(losses)
+        size = len(batch.image_sizes)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: "
+                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log_dict(
+            {f"train/{k}": v.detach().float() for k, v in losses.items() if not isinstance(v, list | tuple)},
+            on_step=True, on_epoch=False, batch_size=size,
+        )
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _make_evaluator(self, stage: str) -> Any:
+        if self.evaluator_factory is not None:
+            return self.evaluator_factory(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "evaluator"):
+            return datamodule.evaluator(stage)
+        return None
+
+    def _eval_start(self, stage: str) -> None:
+        self._evaluators[stage] = self._make_evaluator(stage)
+
+    def _eval_step(self, stage: str, batch: Any) -> list[dict[str, Tensor]]:
+        """Feeds the evaluator (original frame); returns the input-frame detections for callbacks."""
+        detections = self.detect_input_frame(batch)
+        evaluator = self._evaluators.get(stage)
+        if evaluator is not None:
+            original = to_original_frame(detections, batch.scale_factors)
+            evaluator.update([int(i) for i in batch.image_ids], [{k: v.cpu() for k, v in d.items()} for d in original])
+        return detections
+
+    def _eval_end(self, stage: str) -> dict[str, float]:
+        evaluator = self._evaluators.pop(stage, None)
+        if evaluator is None:
+            return {}
+        metrics = {k: float(v) for k, v in evaluator.compute().items() if isinstance(v, int | float)}
+        # compute() returns the same numbers on every rank (gathered predictions), so no reduction is needed.
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=False)
+        if "AP" in metrics:
+            self.log(f"{stage}/AP", metrics["AP"], prog_bar=True)
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> list[dict[str, Tensor]]:
+        return self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_metrics = self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: Any, batch_idx: int) -> list[dict[str, Tensor]]:
+        return self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_metrics = self._eval_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per image ``{"image_id", "boxes" (N, 4) xyxy original pixels, "scores", "labels"}`` on the CPU."""
+        detections = self.detect(batch)
+        return [
+            {"image_id": int(image_id), **{k: v.cpu() for k, v in det.items()}}
+            for image_id, det in zip(batch.image_ids, detections)
+        ]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any] | tuple[list, list]:
+        optimizer = build_optimizer(self.detector, self.optimizer_cfg)
+        schedulers = build_schedulers(optimizer, self.scheduler_cfg)
+        return [optimizer], schedulers

@@ -1,0 +1,95 @@
+"""Optimiser parameter groups and learning-rate schedules of the reference recipes (spec 9).
+
+* R50 / Swin-L: AdamW, one weight decay for every trainable tensor (norms, biases and embeddings included),
+  learning rate x ``backbone_lr_mult`` for every parameter whose name contains ``backbone``.
+* ViT-L (COCO): layer-wise decay instead: ``scale = decay ** (num_layers + 1 - layer_id)`` with layer_id 0 for
+  the patch / position embeddings, ``i + 1`` for block ``i`` and ``num_layers + 1`` (scale 1) for everything else;
+  1-D tensors and biases without weight decay (``no_decay_1d``).
+* Schedule: optional linear warm-up per iteration, then MultiStepLR per epoch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Layer index of a parameter for layer-wise lr decay (see module docstring). Only backbone parameters get a
+    depth below ``num_layers + 1``."""
+    if "backbone" not in name:
+        return num_layers + 1
+    if any(key in name for key in ("patch_embed", "pos_embed", "cls_token")):
+        return 0
+    match = _BLOCK.search(name)
+    return int(match.group(1)) + 1 if match else num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_mult: float = 0.1,
+    layer_decay: float | None = None,
+    layer_decay_num_layers: int = 24,
+    no_decay_1d: bool = False,
+) -> list[dict[str, Any]]:
+    """Groups of trainable parameters with their ``lr`` / ``weight_decay`` (frozen parameters are left out).
+    Each group also carries ``name`` (for the LR monitor) and ``lr_scale``."""
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if layer_decay is not None:
+            layer = vit_layer_id(name, layer_decay_num_layers)
+            scale = layer_decay ** (layer_decay_num_layers + 1 - layer)
+        else:
+            scale = backbone_lr_mult if "backbone" in name else 1.0
+        decay = weight_decay
+        if no_decay_1d and (param.ndim == 1 or name.endswith(".bias") or "pos_embed" in name):
+            decay = 0.0
+        key = (scale, decay)
+        if key not in groups:
+            label = f"lr_x{scale:.4g}" + ("_no_wd" if decay == 0.0 and weight_decay != 0.0 else "")
+            groups[key] = {"params": [], "lr": lr * scale, "weight_decay": decay, "lr_scale": scale, "name": label}
+        groups[key]["params"].append(param)
+    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], -g["weight_decay"]))
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` from the ``optimizer`` config (lr, weight_decay, betas, eps, ...)."""
+    groups = param_groups(
+        model,
+        lr=float(cfg["lr"]),
+        weight_decay=float(cfg["weight_decay"]),
+        backbone_lr_mult=float(cfg.get("backbone_lr_mult", 1.0)),
+        layer_decay=cfg.get("layer_decay"),
+        layer_decay_num_layers=int(cfg.get("layer_decay_num_layers", 24)),
+        no_decay_1d=bool(cfg.get("no_decay_1d", False)),
+    )
+    return torch.optim.AdamW(
+        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8))
+    )
+
+
+def build_schedulers(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Lightning scheduler dicts: MultiStepLR stepped every epoch, preceded (chained) by a per-step LinearLR
+    warm-up when ``warmup_iters > 0``. Both scale the current lr multiplicatively, so they compose."""
+    schedulers: list[dict[str, Any]] = []
+    warmup = int(cfg.get("warmup_iters", 0) or 0)
+    if warmup > 0:
+        linear = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=float(cfg.get("warmup_ratio", 0.01)), end_factor=1.0, total_iters=warmup
+        )
+        schedulers.append({"scheduler": linear, "interval": "step", "frequency": 1, "name": "warmup"})
+    step = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg.get("gamma", 0.1))
+    )
+    schedulers.append({"scheduler": step, "interval": "epoch", "frequency": 1, "name": "lr"})
+    return schedulers

@@ -1,0 +1,62 @@
+"""OmegaConf resolvers used by ``conf/`` (registered once, idempotently, when ``codetr.utils`` is imported).
+
+``${codetr.milestones:<max_epochs>,<table>}`` -- the learning-rate step epochs for a schedule length.
+    Rule: if ``max_epochs`` is a key of ``table`` (``scheduler.milestone_table``, reference values
+    ``{12: [11], 24: [20], 36: [30]}``; the Objects365 -> COCO recipe uses ``{16: [8]}``), its list is used;
+    otherwise one step at ``round(max_epochs * 11 / 12)`` (the 1x proportion), at least epoch 1. So
+    ``trainer.max_epochs=36`` alone moves the step of a 1x recipe to 30.
+``${codetr.lookup:<table>,<key1>,<key2>,...}`` -- nested table lookup with an optional ``default`` entry at each
+    level, e.g. the Swin-L drop-path rate per (augmentation, epochs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _get(table: Mapping, key: Any) -> Any:
+    for candidate in (key, str(key)):
+        if candidate in table:
+            return table[candidate]
+    if isinstance(key, str) and key.lstrip("-").isdigit() and int(key) in table:
+        return table[int(key)]
+    if "default" in table:
+        return table["default"]
+    raise KeyError(f"{key!r} is not in the lookup table (keys: {sorted(map(str, table))}) and it has no 'default'")
+
+
+def milestones_for(max_epochs: int, table: Mapping | None = None) -> list[int]:
+    """Epochs at which the learning rate is multiplied by ``gamma`` for a schedule of ``max_epochs`` epochs."""
+    max_epochs = int(max_epochs)
+    table = _plain(table) or {}
+    try:
+        return [int(epoch) for epoch in _get({k: v for k, v in table.items() if k != "default"}, max_epochs)]
+    except KeyError:
+        return [max(1, round(max_epochs * 11 / 12))]
+
+
+def lookup(table: Mapping, *keys: Any) -> Any:
+    """``table[k1][k2]...`` where a level without the key falls back to its ``default`` entry."""
+    value: Any = _plain(table)
+    for key in keys:
+        value = _get(value, key)
+    return value
+
+
+def register_resolvers() -> None:
+    """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
+    for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+register_resolvers()
