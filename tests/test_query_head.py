@@ -86,3 +86,33 @@ def test_prediction_never_touches_training_only_parts():
     assert called == []
     assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
     assert (detections[1]["boxes"][:, 2] <= 80).all() and (detections[1]["boxes"][:, 3] <= 48).all()
+
+
+def test_bf16_autocast_keeps_losses_finite_and_close_to_float32():
+    head = small_head().train()
+    feats, mask, sizes, targets = inputs()
+    torch.manual_seed(3)
+    exact, _ = head.loss(feats, mask, sizes, targets)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = head.loss(feats, mask, sizes, targets)
+    for key, value in mixed.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), key
+        assert abs(value.item() - exact[key].item()) <= 0.1 * abs(exact[key].item()) + 0.05, key
+
+
+def test_encoder_activation_checkpointing_gives_identical_losses_and_gradients():
+    feats, mask, sizes, targets = inputs()
+    results = []
+    for layers in (0, 2):
+        head = small_head().train()
+        head.transformer.encoder.checkpoint_layers = layers
+        torch.manual_seed(5)
+        losses, _ = head.loss([f.clone().requires_grad_() for f in feats], mask, sizes, targets)
+        total = sum(losses.values())
+        total.backward()
+        grads = [p.grad.clone() for p in head.transformer.encoder.parameters() if p.grad is not None]
+        results.append((total.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)

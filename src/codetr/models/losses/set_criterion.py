@@ -61,6 +61,13 @@ class SetCriterion:
             label_weights ``(B, Q)``; box_targets ``(B, Q, 4)`` normalised cxcywh; box_weights ``(B, Q, 4)``;
             factors ``(B, 4)`` = (w, h, w, h) per image.
         """
+        with torch.autocast(device_type=logits.device.type, enabled=False):  # losses always in float32
+            return self._loss_from_targets(
+                logits.float(), boxes.float(), labels, label_weights.float(), box_targets.float(),
+                box_weights.float(), factors.float(),
+            )
+
+    def _loss_from_targets(self, logits, boxes, labels, label_weights, box_targets, box_weights, factors):
         batch, queries, num_classes = logits.shape
         logits = logits.reshape(-1, num_classes)
         boxes = boxes.reshape(-1, 4)
@@ -95,7 +102,7 @@ class SetCriterion:
         ``gt_boxes``: per image ``(G_i, 4)`` normalised cxcywh; ``gt_labels``: ``(G_i,)``.
         """
         batch, queries, _ = logits.shape
-        matches = self.matcher(logits.detach(), boxes.detach(), gt_boxes, gt_labels, factors)
+        matches = self.matcher(logits.detach().float(), boxes.detach().float(), gt_boxes, gt_labels, factors)
         labels = torch.full((batch, queries), self.num_classes, dtype=torch.long, device=logits.device)
         box_targets = boxes.new_zeros(batch, queries, 4)
         box_weights = boxes.new_zeros(batch, queries, 4)
