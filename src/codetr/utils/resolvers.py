@@ -52,11 +52,21 @@ def lookup(table: Mapping, *keys: Any) -> Any:
     return value
 
 
+def _as_config(function):
+    """Resolver results must be primitives or OmegaConf containers (``OmegaConf.resolve`` rejects lists)."""
+
+    def wrapped(*args: Any) -> Any:
+        value = function(*args)
+        return OmegaConf.create(value) if isinstance(value, list | dict) else value
+
+    return wrapped
+
+
 def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup)):
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)
+            OmegaConf.register_new_resolver(name, _as_config(function))
 
 
 register_resolvers()

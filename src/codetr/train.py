@@ -1,0 +1,115 @@
+"""Training entry point: ``python -m codetr.train [experiment=...] [group=choice] [key=value]``.
+
+Composes ``conf/train.yaml`` (package ``codetr.conf``), builds data, detector, Lightning module, callbacks,
+loggers and trainer (only ``codetr.``/``torch.``/``torchvision.``/``lightning.`` targets are instantiated), fits
+(``ckpt_path=...`` resumes), optionally tests, prints the AP table and returns ``optimized_metric`` (for sweeps).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+
+from codetr.utils import check_targets, instantiate_checked
+from codetr.utils.checkpoints import load_detector_weights
+from codetr.utils.printing import print_metrics
+
+if TYPE_CHECKING:
+    from codetr.lightning import CoDETRModule
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """Generates the synthetic set first when the data config has a ``generate`` node (data=demo)."""
+    if cfg.data.get("generate") is not None:
+        instantiate_checked(cfg.data.generate)
+    return instantiate_checked(cfg.data.datamodule)
+
+
+def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule:
+    from codetr.lightning import CoDETRModule  # heavy import kept out of `--cfg` / `--help` paths
+
+    detector = instantiate_checked(cfg.model.detector)
+    if cfg.get("weights"):
+        load_detector_weights(detector, cfg.weights)
+    class_names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+    return CoDETRModule(
+        detector,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        pixel_mean=list(cfg.data.pixel_mean),
+        pixel_std=list(cfg.data.pixel_std),
+        class_names=class_names,
+    )
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate_checked(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    return instantiate_checked(
+        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=_instantiate_group(cfg.get("logger"))
+        or False,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Runs one training job; returns the final callback metrics as floats."""
+    check_targets(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    ap_metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and ("AP" in k or "AR" in k)}
+    if ap_metrics and trainer.is_global_zero:
+        print_metrics(ap_metrics)
+    return metrics
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://codetr.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` (None if it was not logged)."""
+    try:
+        metrics = train(cfg)
+    finally:
+        _finish_wandb()
+    name = cfg.get("optimized_metric")
+    if name and name in metrics:
+        return metrics[name]
+    if name:
+        log.warning("optimized_metric %s was not logged (available: %s)", name, sorted(metrics))
+    return None
+
+
+if __name__ == "__main__":
+    main()

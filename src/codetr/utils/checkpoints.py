@@ -1,0 +1,60 @@
+"""Reading detector weights from Lightning checkpoints and converted official checkpoints.
+
+Accepted files (always read with ``torch.load(weights_only=True)``: no pickled code is executed):
+* Lightning ``.ckpt`` written by :class:`codetr.lightning.CoDETRModule` (``state_dict`` with ``detector.*`` keys,
+  optionally ``ema_state_dict`` from :class:`codetr.lightning.callbacks.ExpMomentumEMA`);
+* converted official checkpoints ``{"state_dict": {"detector.<name>": tensor}}`` (``python -m codetr.convert``);
+* a bare detector state dict (``backbone.*``, ``query_head.*``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+PREFIX = "detector."
+
+
+def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, Tensor]:
+    """Detector state dict (keys without the ``detector.`` prefix) from ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} is not a plain weights file (refusing to unpickle code): {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    state = checkpoint
+    if prefer_ema and isinstance(checkpoint.get("ema_state_dict"), dict):
+        state = checkpoint["ema_state_dict"]
+    elif isinstance(checkpoint.get("state_dict"), dict):
+        state = checkpoint["state_dict"]
+    if any(k.startswith(PREFIX) for k in state):
+        state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def load_detector_weights(detector: nn.Module, path: str | Path, prefer_ema: bool = True) -> list[str]:
+    """Load ``path`` into ``detector``. Tensors whose shape differs from the model's (class-dependent layers when
+    the number of classes changes, e.g. Objects365 -> COCO) keep their fresh initialisation and are returned
+    (and logged); any missing or unexpected key raises, naming the keys."""
+    state = read_detector_state(path, prefer_ema)
+    own = detector.state_dict()
+    reinitialised = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    state = {k: v for k, v in state.items() if k not in reinitialised}
+    missing, unexpected = detector.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in reinitialised]
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {missing[:20]} (total {len(missing)}), unexpected keys "
+                       f"{unexpected[:20]} (total {len(unexpected)})")
+    if reinitialised:
+        log.warning("%s: %d tensors with a different shape were re-initialised: %s", path, len(reinitialised),
+                    ", ".join(reinitialised))
+    return reinitialised
