@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo notebook bench lint clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ test-fast:
 
 demo:
 	$(PY) -m codetr.train experiment=demo
+
+# Execute notebooks/demo.ipynb in place (needs a finished `make demo` run under outputs/demo/).
+notebook:
+	cd notebooks && ../$(PY) -c "import nbformat, nbclient; nb = nbformat.read('demo.ipynb', 4); \
+	nbclient.NotebookClient(nb, timeout=600, kernel_name='python3').execute(); nbformat.write(nb, 'demo.ipynb')"
 
 bench:
 	$(PY) -m codetr.bench
