@@ -105,7 +105,7 @@ def _target_nodes(node, path=""):
     if isinstance(node, DictConfig):
         if "_target_" in node:
             yield path, node
-        for key in node.keys():
+        for key in node:
             yield from _target_nodes(node[key], f"{path}.{key}")
     elif isinstance(node, ListConfig):
         for index, item in enumerate(node):
@@ -125,12 +125,12 @@ def test_targets_exist_and_accept_the_configured_arguments(compose_cfg, experime
             params = inspect.signature(target).parameters
             if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 continue
-            unknown = [k for k in node.keys() if not str(k).startswith("_") and k not in params]
+            unknown = [k for k in node if not str(k).startswith("_") and k not in params]
             assert not unknown, f"{path} ({node['_target_']}) does not accept {unknown}"
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_cfg_job_prints_config_from_any_directory(tmp_path):

@@ -77,7 +77,7 @@ def test_train_checkpoint_resume_evaluate_predict(compose_cfg, tmp_path):
 def test_multirun_two_jobs(tmp_path):
     command = [sys.executable, "-m", "codetr.train", "-m", *TINY, "+trainer.fast_dev_run=true", "logger=csv",
                f"paths.log_dir={tmp_path}", "optimizer.lr=1e-4,2e-4"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("demo/multiruns/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]

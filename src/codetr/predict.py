@@ -35,12 +35,10 @@ def class_names_from(cfg: DictConfig, datamodule: Any) -> list[str] | None:
         names = checkpoint.get("hyper_parameters", {}).get("class_names")
         if names:
             return list(names)
-    except Exception as error:  # a bare state dict or a converted file has no hyper-parameters
+    except (OSError, RuntimeError, AttributeError) as error:  # e.g. no hyper-parameters in a converted file
         log.debug("no class names in %s: %s", cfg.ckpt_path, error)
-    try:
-        return list(datamodule.class_names)
-    except Exception:
-        return None
+    names = getattr(datamodule, "class_names", None)
+    return list(names) if names else None
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, 
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path} is not a plain weights file (refusing to unpickle code): {error}") from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+        raise TypeError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     state = checkpoint
     if prefer_ema and isinstance(checkpoint.get("ema_state_dict"), dict):
         state = checkpoint["ema_state_dict"]

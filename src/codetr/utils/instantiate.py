@@ -15,7 +15,7 @@ ALLOWED_PREFIXES: tuple[str, ...] = ("codetr.", "torch.", "torchvision.", "light
 
 def _walk_targets(node: Any, path: str) -> Iterable[tuple[str, Any]]:
     if isinstance(node, DictConfig):
-        for key in node.keys():
+        for key in node:
             child_path = f"{path}.{key}" if path else str(key)
             if key == "_target_":
                 yield child_path, node._get_node(key)._value()
