@@ -1,0 +1,5 @@
+"""Backbones: ``forward(images (B, 3, H, W)) -> list of NCHW maps`` with an ``out_channels`` list attribute."""
+
+from codetr.models.backbones.resnet import ResNet
+
+__all__ = ["ResNet"]
