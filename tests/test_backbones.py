@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from backbone_oracle import oracle_load, r50_reference_shapes, tiny_backbone_neck
+
 from codetr.checkpoint_io import UnsafeCheckpointError, load_weights_file, require_online
 from codetr.models.backbones import ResNet
 

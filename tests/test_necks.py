@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from backbone_oracle import oracle_load, r50_reference_shapes, tiny_backbone_neck
+
 from codetr.models.necks import SFP, ChannelMapper
 
 

@@ -122,7 +122,7 @@ class SFP(nn.Module):
         num_groups: int | None = None,
     ):
         super().__init__()
-        c = in_channels if isinstance(in_channels, int) else int(list(in_channels)[0])
+        c = in_channels if isinstance(in_channels, int) else int(next(iter(in_channels)))
         if num_outs != 4 + int(use_p2):
             raise ValueError(f"SFP gives {4 + int(use_p2)} levels with use_p2={use_p2}, num_outs={num_outs}")
         o = out_channels
