@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ def oracle_file(name: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def oracle_load(name: str):
     """Oracle ``.pth`` files hold python containers next to tensors (our own trusted test data)."""
     path = oracle_file(name)

@@ -104,3 +104,125 @@ def test_offline_download_fails_fast_with_clear_message():
     with pytest.raises(RuntimeError, match="not reachable"):
         require_online("https://codetr-no-such-host.invalid/weights.pth", timeout=2.0)
     assert time.monotonic() - start < 30
+
+
+# ------------------------------------------------------------------------------------------------ Swin
+def _small_swin(**kwargs):
+    from codetr.models.backbones import SwinTransformer
+
+    args = {"embed_dims": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "window_size": 4,
+            "drop_path_rate": 0.0, "pretrain_img_size": 64}
+    args.update(kwargs)
+    model = SwinTransformer(**args)
+    if args.get("weights") is not None:
+        return model
+    with torch.no_grad():  # non-trivial norms / biases so that every tensor matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_swin_large_layout_matches_mmdet_key_table():
+    from codetr.models.backbones import SwinTransformer
+    from codetr.models.backbones.swin import swin_to_mmdet
+
+    model = SwinTransformer()  # Swin-L defaults
+    assert model.out_channels == [192, 384, 768, 1536]
+    mm = swin_to_mmdet(model.state_dict())
+    # spec 11.7: 357 entries incl. 24 persistent relative_position_index buffers (not kept by timm / us)
+    assert len(mm) == 357 - 24
+    shapes = {k: tuple(v.shape) for k, v in mm.items()}
+    assert shapes["patch_embed.projection.weight"] == (192, 3, 4, 4)
+    assert shapes["stages.2.blocks.17.attn.w_msa.qkv.weight"] == (3 * 768, 768)
+    assert shapes["stages.3.blocks.1.attn.w_msa.relative_position_bias_table"] == (529, 48)
+    assert shapes["stages.2.downsample.reduction.weight"] == (1536, 3072)
+    assert shapes["stages.1.blocks.0.ffn.layers.0.0.weight"] == (1536, 384)
+    assert shapes["norm3.weight"] == (1536,) and "stages.3.downsample.norm.weight" not in shapes
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0
+             for s in model.layers for b in s.blocks]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 24), atol=1e-6, rtol=0)
+
+
+def test_swin_mmdet_and_original_naming_roundtrip(tmp_path):
+    from codetr.models.backbones.swin import swin_to_mmdet
+
+    torch.manual_seed(0)
+    model = _small_swin().eval()
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        ref = model(x)
+    mm = swin_to_mmdet(model.state_dict())
+    for s in range(4):  # mmdet checkpoints carry the index buffers
+        for j in range(2):
+            mm[f"stages.{s}.blocks.{j}.attn.w_msa.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in mm.items()}}, tmp_path / "mmdet.pth")
+    # original naming: patch merging closes stage s (timm: opens stage s + 1), classifier norm / head present
+    orig = {}
+    for k, v in model.state_dict().items():
+        parts = k.split(".")
+        if k.startswith("layers.") and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        orig[".".join(parts)] = v
+    orig["norm.weight"], orig["head.weight"] = torch.ones(128), torch.zeros(5, 128)
+    orig["layers.0.blocks.1.attn_mask"] = torch.zeros(1)
+    torch.save({"model": orig}, tmp_path / "orig.pth")
+    for name in ("mmdet.pth", "orig.pth"):
+        torch.manual_seed(1)
+        loaded = _small_swin(weights=tmp_path / name).eval()
+        with torch.no_grad():
+            outs = loaded(x)
+        for a, b in zip(outs, ref):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_swin_patch_merging_permutation_against_unfold():
+    """mmdet merges 2x2 neighbours with nn.Unfold (channel-major, kernel row-major); timm / original concatenate
+    x0 (even h, even w), x1 (odd h, even w), x2 (even h, odd w), x3. The converted weights must agree."""
+    from timm.models.swin_transformer import PatchMerging
+
+    from codetr.models.backbones.swin import merge_original_to_unfold, merge_unfold_to_original
+
+    torch.manual_seed(0)
+    c = 6
+    merge = PatchMerging(c)
+    with torch.no_grad():
+        merge.norm.weight.normal_(), merge.norm.bias.normal_()
+    x = torch.randn(2, 8, 10, c)
+    w_mm = merge_original_to_unfold(merge.reduction.weight)
+    g_mm, b_mm = merge_original_to_unfold(merge.norm.weight), merge_original_to_unfold(merge.norm.bias)
+    cols = torch.nn.functional.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)
+    ref = torch.nn.functional.linear(torch.nn.functional.layer_norm(cols, (4 * c,), g_mm, b_mm), w_mm)
+    ours = merge(x).reshape(2, -1, 2 * c)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merge_unfold_to_original(w_mm), merge.reduction.weight)
+    assert not torch.equal(w_mm, merge.reduction.weight)
+
+
+def test_swin_matches_timm_forward_when_windows_tile_the_map():
+    """With maps that are multiples of the window (no padding) our detection windowing equals timm's forward."""
+    torch.manual_seed(0)
+    model = _small_swin().eval()
+    x = torch.randn(1, 3, 128, 128)  # stage maps 32, 16, 8, 4 = multiples of window 4
+    with torch.no_grad():
+        ours = model(x)
+        t = model.patch_embed(x)
+        for s, stage in enumerate(model.layers):
+            t = stage(t)
+            torch.testing.assert_close(ours[s], getattr(model, f"norm{s}")(t).permute(0, 3, 1, 2),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_swin_padding_shapes_and_checkpointing():
+    torch.manual_seed(0)
+    model = _small_swin(drop_path_rate=0.0)
+    ckpt = _small_swin(with_cp=True)
+    ckpt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 37, 50)  # not a multiple of the patch nor of the window
+    outs = model.train()(x)
+    assert [tuple(o.shape) for o in outs] == [(1, 16, 10, 13), (1, 32, 5, 7), (1, 32 * 2, 3, 4), (1, 128, 2, 2)]
+    sum(o.square().mean() for o in outs).backward()
+    sum(o.square().mean() for o in ckpt.train()(x)).backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n, atol=1e-6, rtol=1e-5)
+    assert all(torch.isfinite(o).all() for o in outs)
