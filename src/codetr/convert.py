@@ -1,0 +1,301 @@
+"""Official Co-DINO checkpoint (mmdet-3 port or original Sense-X repo) -> codetr checkpoint.
+
+    python -m codetr.convert SRC.pth DST.ckpt [--num-classes K] [--expected TABLE]
+
+Reads ``SRC`` with ``torch.load(weights_only=True)`` (a pickle with code is refused, naming the file), takes the
+state dict out of ``{"state_dict": ...}`` (``meta`` / ``optimizer`` / ``message_hub`` ignored) or a bare dict,
+strips ``module.``, ignores ``ema_*`` buffers (EMA-hook copies; the main weights of those files already are the EMA
+weights), renames every key into codetr naming and writes
+``{"state_dict": {"detector." + key: tensor}, "codetr_meta": {...}}``.
+
+Renaming (everything else is identical to mmdet):
+
+* query head transformer layers (mmcv ``BaseTransformerLayer`` -> our layers): ``encoder.layers.N.attentions.0.X``
+  -> ``self_attn.X``; ``decoder.layers.N.attentions.0.attn.X`` -> ``self_attn.X`` (``nn.MultiheadAttention``, packed
+  q/k/v kept packed); ``decoder.layers.N.attentions.1.X`` -> ``cross_attn.X``; ``ffns.0.layers.0.0`` -> ``ffn.fc1``;
+  ``ffns.0.layers.1`` -> ``ffn.fc2``; ``norms.{0,1,2}`` -> ``norm{1,2,3}``;
+* ``query_head.label_embedding.weight`` (original repo) -> ``query_head.dn_generator.label_embedding.weight``;
+* Swin backbones in mmdet or original naming -> ours (:mod:`codetr.models.backbones.swin`, incl. the
+  patch-merging channel order).
+
+Every key is accounted for: keys that no rule knows, and (with an expected ``key -> shape`` table, e.g. a model's
+``state_dict()``) keys absent from the table, missing expected keys and shape mismatches raise
+:class:`ConversionError` listing them. With ``num_classes`` different from the checkpoint's, the class-dependent
+tensors (``cls_branches``, DN label embedding, ATSS ``atss_cls``, RoI ``fc_cls`` / ``fc_reg``) are dropped and listed
+(the model keeps its fresh initialisation for them; see :func:`load_detector_weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from codetr.checkpoint_io import load_weights_file, unwrap_state_dict
+from codetr.models.backbones.swin import swin_naming, swin_to_codetr
+
+log = logging.getLogger(__name__)
+PREFIX = "detector."
+TOP_LEVEL = ("backbone.", "neck.", "query_head.", "rpn_head.", "roi_head.", "bbox_head.")
+
+_ATTN = r"(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)"
+_MHA = r"(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
+_WB = r"(weight|bias)"
+_ENC = r"query_head\.transformer\.encoder\.layers\.(\d+)\."
+_DEC = r"query_head\.transformer\.decoder\.layers\.(\d+)\."
+# (mmdet / original pattern, codetr replacement)
+RENAME_RULES: list[tuple[str, str]] = [
+    (_ENC + r"attentions\.0\." + _ATTN, r"query_head.transformer.encoder.layers.\1.self_attn.\2.\3"),
+    (_ENC + r"ffns\.0\.layers\.0\.0\." + _WB, r"query_head.transformer.encoder.layers.\1.ffn.fc1.\2"),
+    (_ENC + r"ffns\.0\.layers\.1\." + _WB, r"query_head.transformer.encoder.layers.\1.ffn.fc2.\2"),
+    (_ENC + r"norms\.0\." + _WB, r"query_head.transformer.encoder.layers.\1.norm1.\2"),
+    (_ENC + r"norms\.1\." + _WB, r"query_head.transformer.encoder.layers.\1.norm2.\2"),
+    (_DEC + r"attentions\.0\.attn\." + _MHA, r"query_head.transformer.decoder.layers.\1.self_attn.\2"),
+    (_DEC + r"attentions\.1\." + _ATTN, r"query_head.transformer.decoder.layers.\1.cross_attn.\2.\3"),
+    (_DEC + r"ffns\.0\.layers\.0\.0\." + _WB, r"query_head.transformer.decoder.layers.\1.ffn.fc1.\2"),
+    (_DEC + r"ffns\.0\.layers\.1\." + _WB, r"query_head.transformer.decoder.layers.\1.ffn.fc2.\2"),
+    (_DEC + r"norms\.0\." + _WB, r"query_head.transformer.decoder.layers.\1.norm1.\2"),
+    (_DEC + r"norms\.1\." + _WB, r"query_head.transformer.decoder.layers.\1.norm2.\2"),
+    (_DEC + r"norms\.2\." + _WB, r"query_head.transformer.decoder.layers.\1.norm3.\2"),
+    (r"query_head\.label_embedding\.weight", r"query_head.dn_generator.label_embedding.weight"),
+]
+# Keys of our query head (after renaming); other top-level modules keep mmdet's names and are accepted as-is.
+QUERY_HEAD_KEYS = [
+    _ENC + r"self_attn\." + _ATTN,
+    _ENC + r"(ffn\.fc[12]|norm[12])\." + _WB,
+    _DEC + r"self_attn\." + _MHA,
+    _DEC + r"cross_attn\." + _ATTN,
+    _DEC + r"(ffn\.fc[12]|norm[123])\." + _WB,
+    r"query_head\.transformer\.decoder\.(norm|ref_point_head\.\d+)\." + _WB,
+    r"query_head\.transformer\.(level_embeds|query_embed\.weight)",
+    r"query_head\.transformer\.(enc_output|enc_output_norm|aux_pos_trans\.\d+|aux_pos_trans_norm\.\d+)\." + _WB,
+    r"query_head\.(cls_branches\.\d+|reg_branches\.\d+\.\d+|downsample\.\d+)\." + _WB,
+    r"query_head\.dn_generator\.label_embedding\.weight",
+]
+CLASS_DEPENDENT = [
+    r"query_head\.cls_branches\.\d+\.(weight|bias)",
+    r"query_head\.dn_generator\.label_embedding\.weight",
+    r"bbox_head\.\d+\.atss_cls\.(weight|bias)",
+    r"roi_head\.\d+\.bbox_head\.fc_(cls|reg)\.(weight|bias)",
+]
+MMCV_LEFTOVERS = (".attentions.", ".ffns.", ".norms.")
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint key could not be mapped, or the result does not match the expected table."""
+
+
+@dataclass
+class Conversion:
+    state_dict: dict[str, Tensor]
+    renamed: dict[str, str] = field(default_factory=dict)  # source key -> our key (only keys that changed)
+    ignored: list[str] = field(default_factory=list)  # ema_* buffers, Swin index buffers / classifier parts
+    dropped_class_dependent: list[str] = field(default_factory=list)
+    source_num_classes: int | None = None
+    backbone_naming: str = "resnet/identity"
+
+
+def is_class_dependent(key: str) -> bool:
+    return any(re.fullmatch(p, key) for p in CLASS_DEPENDENT)
+
+
+def rename_key(key: str) -> str:
+    """Our name of one mmdet / original key (identity for keys outside the rename rules)."""
+    for pattern, repl in RENAME_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return key
+
+
+def _known(key: str) -> bool:
+    if not key.startswith(TOP_LEVEL):
+        return False
+    if key.startswith("query_head."):
+        return any(re.fullmatch(p, key) for p in QUERY_HEAD_KEYS)
+    return not any(tok in key for tok in MMCV_LEFTOVERS)
+
+
+def num_classes_of(state: Mapping[str, Tensor]) -> int | None:
+    """K from the first classification branch (``query_head.cls_branches.0.weight`` rows)."""
+    for key in ("query_head.cls_branches.0.weight", "query_head.cls_branches.0.bias"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def convert_state_dict(
+    state: Mapping[str, Tensor],
+    expected: Mapping[str, Sequence[int] | torch.Size] | None = None,
+    num_classes: int | None = None,
+) -> Conversion:
+    """Rename an official Co-DINO state dict (keys without ``module.``) into codetr naming.
+
+    Args:
+        state: mmdet-3 or original-repo state dict.
+        expected: optional ``key -> shape`` of the target model (codetr naming, no ``detector.`` prefix).
+        num_classes: target K; when it differs from the checkpoint's, class-dependent tensors are dropped.
+    Raises:
+        ConversionError: unmapped keys, keys absent from ``expected``, missing expected keys or shape mismatches.
+    """
+    out = Conversion(state_dict={}, source_num_classes=num_classes_of(state))
+    backbone = {}
+    unmapped = []
+    for key, value in state.items():
+        if key.startswith("ema_") or key.split(".")[-1].startswith("ema_"):
+            out.ignored.append(key)
+        elif key.startswith("backbone."):
+            backbone[key[len("backbone."):]] = value
+        else:
+            new = rename_key(key)
+            if not _known(new):
+                unmapped.append(key)
+                continue
+            if new != key:
+                out.renamed[key] = new
+            out.state_dict[new] = value
+    naming = swin_naming(backbone) if any("blocks." in k for k in backbone) else "resnet/identity"
+    out.backbone_naming = naming
+    if naming in ("mmdet", "original"):
+        converted, bad, ignored = swin_to_codetr(backbone)
+        unmapped += [f"backbone.{k}" for k in bad]
+        out.ignored += [f"backbone.{k}" for k in ignored]
+    else:
+        converted = backbone
+    for key, value in converted.items():
+        out.state_dict[f"backbone.{key}"] = value
+    if unmapped:
+        raise ConversionError(f"{len(unmapped)} checkpoint keys match no conversion rule: {', '.join(unmapped)}")
+    if num_classes is not None and num_classes != out.source_num_classes:
+        out.dropped_class_dependent = sorted(k for k in out.state_dict if is_class_dependent(k))
+        for key in out.dropped_class_dependent:
+            del out.state_dict[key]
+    if expected is not None:
+        check_against(out.state_dict, expected, allowed_missing=set(out.dropped_class_dependent))
+    return out
+
+
+def check_against(
+    state: Mapping[str, Tensor], expected: Mapping[str, Sequence[int] | torch.Size], allowed_missing: set[str] = frozenset()
+) -> None:
+    """Raise :class:`ConversionError` listing unexpected keys, missing keys and shape mismatches."""
+    unexpected = sorted(k for k in state if k not in expected)
+    missing = sorted(k for k in expected if k not in state and k not in allowed_missing)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k])
+    )
+    problems = []
+    if unexpected:
+        problems.append(f"keys not in the model ({len(unexpected)}): {', '.join(unexpected)}")
+    if missing:
+        problems.append(f"model keys missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise ConversionError("checkpoint does not match the expected layout:\n  " + "\n  ".join(problems))
+
+
+def read_expected_table(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` from a TSV (``key<TAB>[shape]``, ``#`` comments), a JSON list of ``[key, shape, ...]`` /
+    dict with ``state_dict`` holding such a list, or a JSON ``{key: shape}``. mmdet-named keys are renamed."""
+    path = Path(path)
+    table: dict[str, tuple[int, ...]] = {}
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), list):
+            data = data["state_dict"]
+        items = data.items() if isinstance(data, dict) else ((row[0], row[1]) for row in data)
+        table = {k: tuple(s) for k, s in items}
+    else:
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, shape = line.split("\t")[:2]
+                table[key] = tuple(json.loads(shape))
+    return {rename_key(k): s for k, s in table.items()}
+
+
+def convert_file(
+    src: str | Path,
+    dst: str | Path | None = None,
+    num_classes: int | None = None,
+    expected: Mapping[str, Sequence[int]] | None = None,
+) -> Conversion:
+    """Read ``src`` safely, convert, and (with ``dst``) write the codetr checkpoint."""
+    raw = load_weights_file(src)
+    conversion = convert_state_dict(unwrap_state_dict(raw), expected=expected, num_classes=num_classes)
+    if dst is not None:
+        meta = {
+            "source": str(src),
+            "source_format": "original" if "query_head.label_embedding.weight" in conversion.renamed else "mmdet",
+            "backbone_naming": conversion.backbone_naming,
+            "num_classes": num_classes if num_classes is not None else conversion.source_num_classes,
+            "source_num_classes": conversion.source_num_classes,
+            "dropped_class_dependent": conversion.dropped_class_dependent,
+            "ignored": conversion.ignored,
+            "num_renamed": len(conversion.renamed),
+        }
+        state = {PREFIX + k: v.contiguous() for k, v in conversion.state_dict.items()}
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": state, "codetr_meta": meta}, dst)
+    return conversion
+
+
+def load_detector_weights(model: nn.Module, state_dict: Mapping[str, Tensor], strict_classes: bool = True) -> list[str]:
+    """Load a converted state dict (``detector.`` prefix optional) into ``model``.
+
+    Class-dependent tensors (see :data:`CLASS_DEPENDENT`) that are absent or have another shape than the model's
+    keep the model's initialisation and are returned (and logged) -- unless ``strict_classes`` is True, which makes
+    any such difference an error. Every other missing / unexpected key or shape mismatch raises.
+    """
+    state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    reinit = sorted(
+        k for k in own if is_class_dependent(k) and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))
+    )
+    if reinit and strict_classes:
+        raise ConversionError(f"class-dependent tensors differ from the model (pass strict_classes=False to "
+                              f"re-initialise them): {', '.join(reinit)}")
+    state = {k: v for k, v in state.items() if k not in reinit}
+    check_against(state, {k: v.shape for k, v in own.items()}, allowed_missing=set(reinit))
+    model.load_state_dict(state, strict=False)
+    if reinit:
+        log.warning("re-initialised %d class-dependent tensors: %s", len(reinit), ", ".join(reinit))
+    return reinit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m codetr.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="official mmdet-3 / original Co-DINO checkpoint (.pth)")
+    parser.add_argument("dst", help="output codetr checkpoint (.ckpt)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="target number of classes; class-dependent tensors are dropped when it differs")
+    parser.add_argument("--expected", default=None,
+                        help="key/shape table to check against (TSV key<TAB>[shape] or JSON; mmdet or codetr names)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    expected = read_expected_table(args.expected) if args.expected else None
+    try:
+        conv = convert_file(args.src, args.dst, num_classes=args.num_classes, expected=expected)
+    except (ConversionError, ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}: {len(conv.state_dict)} tensors ({len(conv.renamed)} renamed, {len(conv.ignored)} "
+          f"ignored, backbone naming: {conv.backbone_naming})")
+    if conv.dropped_class_dependent:
+        print(f"dropped {len(conv.dropped_class_dependent)} class-dependent tensors "
+              f"({conv.source_num_classes} -> {args.num_classes} classes; re-initialised by the model): "
+              + ", ".join(conv.dropped_class_dependent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
