@@ -9,14 +9,12 @@ Accepted files (always read with ``torch.load(weights_only=True)``: no pickled c
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
 PREFIX = "detector."
 
 
@@ -42,19 +40,9 @@ def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, 
 
 
 def load_detector_weights(detector: nn.Module, path: str | Path, prefer_ema: bool = True) -> list[str]:
-    """Load ``path`` into ``detector``. Tensors whose shape differs from the model's (class-dependent layers when
-    the number of classes changes, e.g. Objects365 -> COCO) keep their fresh initialisation and are returned
-    (and logged); any missing or unexpected key raises, naming the keys."""
-    state = read_detector_state(path, prefer_ema)
-    own = detector.state_dict()
-    reinitialised = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-    state = {k: v for k, v in state.items() if k not in reinitialised}
-    missing, unexpected = detector.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in reinitialised]
-    if missing or unexpected:
-        raise KeyError(f"{path}: missing keys {missing[:20]} (total {len(missing)}), unexpected keys "
-                       f"{unexpected[:20]} (total {len(unexpected)})")
-    if reinitialised:
-        log.warning("%s: %d tensors with a different shape were re-initialised: %s", path, len(reinitialised),
-                    ", ".join(reinitialised))
-    return reinitialised
+    """Load ``path`` into ``detector`` (:func:`codetr.convert.load_detector_weights` rules): class-dependent tensors
+    whose shape differs (another number of classes, e.g. Objects365 -> COCO) keep their fresh initialisation and
+    are returned; any other missing / unexpected key or shape mismatch raises."""
+    from codetr.convert import load_detector_weights as load_converted
+
+    return load_converted(detector, read_detector_state(path, prefer_ema), strict_classes=False)
