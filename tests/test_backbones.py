@@ -226,3 +226,113 @@ def test_swin_padding_shapes_and_checkpointing():
     for (n, p), (_, q) in zip(model.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n, atol=1e-6, rtol=1e-5)
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+# ------------------------------------------------------------------------------------------------ ViT
+def _small_vit(**kwargs):
+    from codetr.models.backbones import ViT
+
+    args = {"img_size": 128, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 3,
+            "global_attn_indexes": (1, 3), "pretrain_img_size": 64, "drop_path_rate": 0.0}
+    args.update(kwargs)
+    return ViT(**args)
+
+
+def test_vit_rope_table_matches_formula():
+    import math
+
+    from codetr.models.backbones.vit import apply_rope, rope_table
+
+    rows, cols, head_dim = 3, 5, 8
+    cos, sin = rope_table(rows, cols, head_dim, pt_seq_len=16, theta=10000.0)
+    for r in range(rows):
+        for c in range(cols):
+            for d in range(head_dim):
+                pair = (d % (head_dim // 2)) // 2
+                pos = (r / rows if d < head_dim // 2 else c / cols) * 16
+                angle = pos * 10000.0 ** (-2 * pair / (head_dim // 2))
+                assert math.isclose(cos[r * cols + c, d].item(), math.cos(angle), abs_tol=1e-5)
+                assert math.isclose(sin[r * cols + c, d].item(), math.sin(angle), abs_tol=1e-5)
+    x = torch.randn(rows * cols, head_dim)
+    y = apply_rope(x, cos, sin)
+    a = torch.atan2(sin[:, ::2], cos[:, ::2])
+    torch.testing.assert_close(y[:, ::2], x[:, ::2] * a.cos() - x[:, 1::2] * a.sin())
+    torch.testing.assert_close(y[:, 1::2], x[:, 1::2] * a.cos() + x[:, ::2] * a.sin())
+    # a rotation: norms kept, and q.k after RoPE depends only on the position difference along an axis
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_vit_window_blocks_are_local_and_global_blocks_are_not():
+    from codetr.models.backbones.vit import ViTBlock, rope_table
+
+    torch.manual_seed(0)
+    window, full = ViTBlock(16, 2, 8 / 3, 0.0, window_size=3), ViTBlock(16, 2, 8 / 3, 0.0, window_size=0)
+    x = torch.randn(1, 5, 7, 16)  # padded to 6 x 9 inside the window block
+    x2 = x.clone()
+    x2[:, 4, 5] += torch.randn(16)  # window rows 3..5, cols 3..5 (a constant shift would vanish in norm1)
+    w_cos, w_sin = rope_table(3, 3, 8)
+    g_cos, g_sin = rope_table(5, 7, 8)
+    with torch.no_grad():
+        a, b = window(x, w_cos, w_sin), window(x2, w_cos, w_sin)
+        changed = (a - b).abs().amax(-1) > 0
+        assert changed[0, 3:, 3:6].all()
+        assert not changed[0, :3].any() and not changed[0, :, :3].any() and not changed[0, :, 6:].any()
+        a, b = full(x, g_cos, g_sin), full(x2, g_cos, g_sin)
+        assert ((a - b).abs().amax(-1) > 1e-6).all()
+
+
+def test_vit_shapes_names_and_large_layout():
+    from codetr.models.backbones import ViT
+
+    torch.manual_seed(0)
+    model = _small_vit().eval()
+    outs = model(torch.randn(2, 3, 80, 112))
+    assert len(outs) == 1 and outs[0].shape == (2, 32, 5, 7) and model.out_channels == [32]
+    assert [b.window_size for b in model.blocks] == [3, 0, 3, 0]
+    with torch.device("meta"):
+        large = ViT()
+    shapes = {k: tuple(v.shape) for k, v in large.state_dict().items()}
+    assert shapes["pos_embed"] == (1, 1 + 32 * 32, 1024)
+    assert shapes["patch_embed.proj.weight"] == (1024, 3, 16, 16)
+    assert shapes["blocks.0.attn.q_proj.weight"] == (1024, 1024) and "blocks.0.attn.q_proj.bias" not in shapes
+    assert shapes["blocks.0.attn.q_bias"] == (1024,) and "blocks.0.attn.k_bias" not in shapes
+    assert shapes["blocks.23.mlp.w1.weight"] == (2730, 1024) and shapes["blocks.23.mlp.ffn_ln.weight"] == (2730,)
+    assert shapes["blocks.23.mlp.w3.weight"] == (1024, 2730) and shapes["out_norm.weight"] == (1024,)
+    assert [i for i, b in enumerate(large.blocks) if b.window_size == 0] == [3, 7, 11, 15, 19, 23]
+    per_block = 4 * 1024 * 1024 + 1024 + 2 * 1024 + 4 * 1024 + 2 * (2730 * 1024 + 2730) + 2 * 2730 + 1024 * 2730 + 1024
+    assert sum(p.numel() for p in large.parameters()) == 24 * per_block + 1025 * 1024 + 3 * 256 * 1024 + 1024 + 2048
+    with pytest.raises(ValueError, match="use_lsj"):
+        _small_vit(use_lsj=True)(torch.randn(1, 3, 64, 64))
+    assert _small_vit(use_lsj=True)(torch.randn(1, 3, 128, 128))[0].shape == (1, 32, 8, 8)
+
+
+def test_vit_loading_and_checkpointing(tmp_path):
+    torch.manual_seed(0)
+    model = _small_vit()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = model.eval()(x)[0]
+        torch.testing.assert_close(model.abs_pos(4, 4), model.pos_embed[:, 1:].reshape(1, 4, 4, -1))
+    state = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+    state["module.backbone.rope_win.freqs_cos"] = torch.zeros(9, 16)  # original persistent RoPE buffers
+    state["module.backbone.blocks.0.attn.rope.freqs_sin"] = torch.zeros(9, 16)
+    torch.save({"state_dict": state}, tmp_path / "vit.pth")
+    loaded = _small_vit(weights=tmp_path / "vit.pth").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], ref, atol=0, rtol=0)
+    # EVA-02 pre-training file: patch 14 and a 16 x 16 position grid -> resampled to patch 16 / 4 x 4 grid
+    eva = {k: v for k, v in model.state_dict().items()}
+    eva["patch_embed.proj.weight"] = torch.randn(32, 3, 14, 14)
+    eva["pos_embed"] = torch.randn(1, 1 + 16 * 16, 32)
+    eva["head.weight"] = torch.zeros(10, 32)
+    torch.save(eva, tmp_path / "eva.pth")
+    resampled = _small_vit(weights=tmp_path / "eva.pth")
+    assert resampled.patch_embed.proj.weight.shape == (32, 3, 16, 16) and resampled.pos_embed.shape == (1, 17, 32)
+    torch.testing.assert_close(resampled.pos_embed[:, 0], eva["pos_embed"][:, 0])
+    # activation checkpointing: same gradients
+    ckpt = _small_vit(use_checkpoint=True)
+    ckpt.load_state_dict(model.state_dict())
+    model.train()(x)[0].square().mean().backward()
+    ckpt.train()(x)[0].square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)

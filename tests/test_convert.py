@@ -208,3 +208,17 @@ def test_load_detector_weights_reinitialises_only_class_dependent_tensors():
     state["detector.neck.weight"] = torch.zeros(3, 3)
     with pytest.raises(ConversionError, match="neck.weight"):
         load_detector_weights(dst, state, strict_classes=False)
+
+
+def test_vit_rope_buffers_are_ignored_and_other_keys_kept():
+    state = {
+        "backbone.rope_win.freqs_cos": torch.zeros(4, 8),
+        "backbone.blocks.0.attn.rope.freqs_sin": torch.zeros(4, 8),
+        "backbone.blocks.0.attn.q_bias": torch.zeros(8),
+        "backbone.pos_embed": torch.zeros(1, 5, 8),
+        "neck.p4.0.weight": torch.zeros(8, 8, 1, 1),
+    }
+    conv = convert_state_dict(state)
+    assert sorted(conv.ignored) == ["backbone.blocks.0.attn.rope.freqs_sin", "backbone.rope_win.freqs_cos"]
+    assert sorted(conv.state_dict) == ["backbone.blocks.0.attn.q_bias", "backbone.pos_embed", "neck.p4.0.weight"]
+    assert conv.backbone_naming == "identity"

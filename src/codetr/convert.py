@@ -16,7 +16,8 @@ Renaming (everything else is identical to mmdet):
   ``ffns.0.layers.1`` -> ``ffn.fc2``; ``norms.{0,1,2}`` -> ``norm{1,2,3}``;
 * ``query_head.label_embedding.weight`` (original repo) -> ``query_head.dn_generator.label_embedding.weight``;
 * Swin backbones in mmdet or original naming -> ours (:mod:`codetr.models.backbones.swin`, incl. the
-  patch-merging channel order).
+  patch-merging channel order); ResNet and ViT backbone keys are already ours (the ViT's stored RoPE tables
+  ``rope_win`` / ``rope_glb`` / ``blocks.N.attn.rope`` are ignored: ours are computed).
 
 Every key is accounted for: keys that no rule knows, and (with an expected ``key -> shape`` table, e.g. a model's
 ``state_dict()``) keys absent from the table, missing expected keys and shape mismatches raise
@@ -100,7 +101,7 @@ class Conversion:
     ignored: list[str] = field(default_factory=list)  # ema_* buffers, Swin index buffers / classifier parts
     dropped_class_dependent: list[str] = field(default_factory=list)
     source_num_classes: int | None = None
-    backbone_naming: str = "resnet/identity"
+    backbone_naming: str = "identity"
 
 
 def is_class_dependent(key: str) -> bool:
@@ -151,6 +152,8 @@ def convert_state_dict(
     for key, value in state.items():
         if key.startswith("ema_") or key.split(".")[-1].startswith("ema_"):
             out.ignored.append(key)
+        elif key.startswith("backbone.") and re.search(r"(^|\.)rope(_win|_glb)?\.freqs_(cos|sin)$", key):
+            out.ignored.append(key)  # original ViT: RoPE tables stored as buffers; ours are computed
         elif key.startswith("backbone."):
             backbone[key[len("backbone."):]] = value
         else:
@@ -161,8 +164,9 @@ def convert_state_dict(
             if new != key:
                 out.renamed[key] = new
             out.state_dict[new] = value
-    naming = swin_naming(backbone) if any("blocks." in k for k in backbone) else "resnet/identity"
-    out.backbone_naming = naming
+    naming = swin_naming(backbone) if any("blocks." in k for k in backbone) else "identity"
+    out.backbone_naming = naming if naming in ("mmdet", "original") else "identity"
+
     if naming in ("mmdet", "original"):
         converted, bad, ignored = swin_to_codetr(backbone)
         unmapped += [f"backbone.{k}" for k in bad]

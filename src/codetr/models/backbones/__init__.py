@@ -2,5 +2,6 @@
 
 from codetr.models.backbones.resnet import ResNet
 from codetr.models.backbones.swin import SwinTransformer
+from codetr.models.backbones.vit import ViT
 
-__all__ = ["ResNet", "SwinTransformer"]
+__all__ = ["ResNet", "SwinTransformer", "ViT"]
