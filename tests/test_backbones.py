@@ -336,3 +336,55 @@ def test_vit_loading_and_checkpointing(tmp_path):
     ckpt.train()(x)[0].square().mean().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_swin_shifted_window_attention_pads_before_shifting():
+    """Per-token reference of the detection Swin (mmdet / original): pad the map bottom/right to a multiple of the
+    window, roll by -shift, attend within windows with the relative position bias, -100 between tokens of
+    different shift regions, roll back, crop. Padding tokens are zeros that act as keys."""
+    torch.manual_seed(0)
+    model = _small_swin().eval()
+    block = model.layers[0].blocks[1]
+    ws, shift, heads = 4, 2, block.attn.num_heads
+    h, w, c = 5, 7, 16
+    y = torch.randn(1, h, w, c)
+    hp, wp = 8, 8
+    padded = torch.zeros(hp, wp, c)
+    padded[:h, :w] = y[0]
+    shifted = torch.roll(padded, shifts=(-shift, -shift), dims=(0, 1))
+    bias = block.attn._get_rel_pos_bias()[0]  # (heads, ws*ws, ws*ws)
+
+    def region(i, n):
+        return 0 if i < n - ws else (1 if i < n - shift else 2)
+
+    qkv = block.attn.qkv(shifted).reshape(hp, wp, 3, heads, -1)
+    head_dim = qkv.shape[-1]
+    out = torch.zeros(hp, wp, c)
+    for i in range(hp):
+        for j in range(wp):
+            keys = [(a, b) for a in range(i // ws * ws, i // ws * ws + ws) for b in range(j // ws * ws, j // ws * ws + ws)]
+            q_idx = (i % ws) * ws + j % ws
+            per_head = []
+            for hd in range(heads):
+                logits = torch.stack([
+                    (qkv[i, j, 0, hd] * qkv[a, b, 1, hd]).sum() * head_dim**-0.5 + bias[hd, q_idx, (a % ws) * ws + b % ws]
+                    + (0.0 if (region(a, hp), region(b, wp)) == (region(i, hp), region(j, wp)) else -100.0)
+                    for a, b in keys
+                ])
+                weights = logits.softmax(0)
+                per_head.append(sum(wgt * qkv[a, b, 2, hd] for wgt, (a, b) in zip(weights, keys)))
+            out[i, j] = block.attn.proj(torch.cat(per_head))
+    expected = torch.roll(out, shifts=(shift, shift), dims=(0, 1))[:h, :w]
+    with torch.no_grad():
+        ours = model._window_attention(block, y, shift)[0]
+    torch.testing.assert_close(ours, expected.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_torchvision_weights_fail_fast_offline(monkeypatch):
+    from codetr.models.backbones import resnet
+
+    monkeypatch.setitem(resnet.TORCHVISION_URLS, 50, "https://codetr-no-such-host.invalid/resnet50-unknown.pth")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="not reachable"):
+        ResNet(depth=50, base_channels=8, weights="torchvision")
+    assert time.monotonic() - start < 30
