@@ -388,3 +388,27 @@ def test_resnet_torchvision_weights_fail_fast_offline(monkeypatch):
     with pytest.raises(RuntimeError, match="not reachable"):
         ResNet(depth=50, base_channels=8, weights="torchvision")
     assert time.monotonic() - start < 30
+
+
+def test_vit_loads_timm_eva_naming(tmp_path):
+    """timm's EVA-02 blocks (``qkv_fused=False``, SwiGLU with sub-LN) map onto ours: same attention (RoPE off) and
+    same MLP outputs after loading."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    eva = Eva(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=8 / 3, qkv_fused=False,
+              swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16), num_classes=0).eval()
+    with torch.no_grad():
+        for name, p in eva.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_()
+    torch.save({"model": eva.state_dict()}, tmp_path / "eva_timm.pth")
+    ours = _small_vit(depth=2, global_attn_indexes=(0, 1), weights=tmp_path / "eva_timm.pth").eval()
+    x = torch.randn(2, 6, 32)
+    ones, zeros = torch.ones(6, 16), torch.zeros(6, 16)  # identity RoPE
+    with torch.no_grad():
+        for theirs, mine in zip(eva.blocks, ours.blocks):
+            torch.testing.assert_close(mine.mlp(x), theirs.mlp(x))
+            torch.testing.assert_close(mine.attn(x, ones, zeros), theirs.attn(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mine.norm1(x), theirs.norm1(x))
+    torch.testing.assert_close(ours.pos_embed, eva.pos_embed)

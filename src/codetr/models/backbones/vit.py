@@ -33,9 +33,45 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from codetr.checkpoint_io import load_weights_file, strip_prefix, unwrap_state_dict
+from codetr.checkpoint_io import load_weights_file, require_online, strip_prefix, unwrap_state_dict
 
 log = logging.getLogger(__name__)
+# EVA-02 L MIM pre-training in timm (which EVA-02 file Co-DETR started from is not published; spec 14.6).
+TIMM_EVA02_L = "eva02_large_patch14_224.mim_m38m"
+_TIMM_EVA_RULES = [
+    (r"(blocks\.\d+)\.attn\.q_proj\.bias", r"\1.attn.q_bias"),
+    (r"(blocks\.\d+)\.attn\.v_proj\.bias", r"\1.attn.v_bias"),
+    (r"(blocks\.\d+)\.mlp\.fc1_g\.(weight|bias)", r"\1.mlp.w1.\2"),
+    (r"(blocks\.\d+)\.mlp\.fc1_x\.(weight|bias)", r"\1.mlp.w2.\2"),
+    (r"(blocks\.\d+)\.mlp\.norm\.(weight|bias)", r"\1.mlp.ffn_ln.\2"),
+    (r"(blocks\.\d+)\.mlp\.fc2\.(weight|bias)", r"\1.mlp.w3.\2"),
+]
+
+
+def eva_from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm ``Eva`` (EVA-02, ``qkv_fused=False``, SwiGLU) keys -> original Co-DETR ViT keys. A fused ``qkv.weight``
+    is split into q/k/v; the classifier parts (``norm``, ``fc_norm``, ``head``) are kept for the caller to ignore."""
+    out = {}
+    for key, value in state.items():
+        fused = re.fullmatch(r"(blocks\.\d+)\.attn\.qkv\.weight", key)
+        if fused:
+            for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                out[f"{fused.group(1)}.attn.{name}_proj.weight"] = part
+            continue
+        for pattern, repl in _TIMM_EVA_RULES:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, repl, key)
+                break
+        out[key] = value
+    return out
+
+
+def _timm_eva_state(name: str) -> dict[str, Tensor]:
+    """Download timm's EVA-02 weights (Hugging Face hub) and return its state dict (timm naming)."""
+    import timm
+
+    require_online("https://huggingface.co")
+    return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
 
 
 def rope_table(rows: int, cols: int, head_dim: int, pt_seq_len: int = 16, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -140,8 +176,9 @@ class ViT(nn.Module):
         use_lsj: fixed global RoPE table (LVIS config) instead of one per token grid (COCO config).
         pt_hw_seq_len, rope_theta: RoPE position scale and base.
         use_checkpoint: activation checkpointing of every block (``use_reentrant=False``, no numerical effect).
-        weights: None or a local file (original naming, ``backbone.`` prefix / containers accepted; EVA-02
-            pre-training files with another patch size or position grid are resampled as the original does).
+        weights: None, a local file (original naming or timm EVA naming, ``backbone.`` prefix / containers
+            accepted; EVA-02 pre-training files with another patch size or position grid are resampled as the
+            original does), or ``"timm"`` / ``"timm:<model name>"`` to download timm's EVA-02 L weights (network).
     Forward: ``images (B, 3, H, W)`` (H, W multiples of ``patch_size``) -> ``[(B, embed_dim, H / 16, W / 16)]``.
     """
 
@@ -203,10 +240,12 @@ class ViT(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: str | Path) -> None:
-        if str(weights) in ("timm", "torchvision"):
-            raise ValueError("no download source for the EVA-02 ViT-L weights of Co-DETR; pass a local file "
-                             "(original-repo naming) as `weights=`")
-        state = strip_prefix(unwrap_state_dict(load_weights_file(weights)), "backbone.")
+        if str(weights) == "timm" or str(weights).startswith("timm:"):
+            state = _timm_eva_state(str(weights).partition(":")[2] or TIMM_EVA02_L)
+        else:
+            state = strip_prefix(unwrap_state_dict(load_weights_file(weights)), "backbone.")
+        if any(".mlp.fc1_g." in k for k in state):
+            state = eva_from_timm(state)
         state = {k: v.float() for k, v in state.items() if "rope" not in k and "relative_position_index" not in k}
         proj = state.get("patch_embed.proj.weight")
         if proj is not None and proj.shape[-1] != self.patch_size:
@@ -221,6 +260,7 @@ class ViT(nn.Module):
             grid = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
             state["pos_embed"] = torch.cat([pos[:, :extra], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
         missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("out_norm.")]  # absent from pre-training files
         unexpected = [k for k in unexpected if not re.match(r"(head|fc_norm|norm|lm_head|cls_token|mask_token)\b", k)]
         if missing or unexpected:
             raise KeyError(f"{weights}: cannot load into ViT: missing {missing[:10]} ({len(missing)}), unexpected "
