@@ -145,6 +145,8 @@ def test_swin_large_layout_matches_mmdet_key_table():
 
 
 def test_swin_mmdet_and_original_naming_roundtrip(tmp_path):
+    from timm.models.swin_transformer import get_relative_position_index
+
     from codetr.models.backbones.swin import swin_to_mmdet
 
     torch.manual_seed(0)
@@ -155,7 +157,7 @@ def test_swin_mmdet_and_original_naming_roundtrip(tmp_path):
     mm = swin_to_mmdet(model.state_dict())
     for s in range(4):  # mmdet checkpoints carry the index buffers
         for j in range(2):
-            mm[f"stages.{s}.blocks.{j}.attn.w_msa.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+            mm[f"stages.{s}.blocks.{j}.attn.w_msa.relative_position_index"] = get_relative_position_index(4, 4)
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in mm.items()}}, tmp_path / "mmdet.pth")
     # original naming: patch merging closes stage s (timm: opens stage s + 1), classifier norm / head present
     orig = {}
@@ -174,6 +176,11 @@ def test_swin_mmdet_and_original_naming_roundtrip(tmp_path):
             outs = loaded(x)
         for a, b in zip(outs, ref):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # a stored index buffer that is not the standard table is reported instead of silently dropped
+    mm["stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    torch.save(mm, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match="not the standard relative position table"):
+        _small_swin(weights=tmp_path / "bad.pth")
 
 
 def test_swin_patch_merging_permutation_against_unfold():

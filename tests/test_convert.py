@@ -172,6 +172,8 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 
 
 def test_swin_backbone_keys_are_converted_inside_a_detector_checkpoint():
+    from timm.models.swin_transformer import get_relative_position_index
+
     from codetr.models.backbones import SwinTransformer
     from codetr.models.backbones.swin import swin_to_mmdet
 
@@ -179,7 +181,7 @@ def test_swin_backbone_keys_are_converted_inside_a_detector_checkpoint():
     swin = SwinTransformer(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=4,
                            pretrain_img_size=32)
     state = {f"backbone.{k}": v for k, v in swin_to_mmdet(swin.state_dict()).items()}
-    state["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    state["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"] = get_relative_position_index(4, 4)
     state["neck.convs.0.conv.weight"] = torch.zeros(4, 8, 1, 1)
     conv = convert_state_dict(state)
     assert conv.backbone_naming == "mmdet"

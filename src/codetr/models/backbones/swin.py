@@ -23,6 +23,7 @@ checkpoints with a ``backbone.`` prefix included; or ``"timm"`` to download the 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
-from timm.models.swin_transformer import window_partition, window_reverse
+from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -209,6 +210,12 @@ _ORIGINAL_RULES = [
 ]
 
 
+def _standard_index(value: Tensor) -> bool:
+    """A stored ``relative_position_index`` buffer equals the standard Swin table (which timm recomputes)."""
+    ws = math.isqrt(value.shape[-1])
+    return value.shape == (ws * ws, ws * ws) and torch.equal(value.long(), get_relative_position_index(ws, ws))
+
+
 def _apply(rules, key: str) -> tuple[bool, str | None]:
     for pattern, repl in rules:
         if re.fullmatch(pattern, key):
@@ -225,7 +232,9 @@ def swin_from_mmdet(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], lis
             out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = merge_unfold_to_original(value)
             continue
         ok, new = _apply(_MMDET_RULES, key)
-        if not ok:
+        if key.endswith("relative_position_index") and not _standard_index(value):
+            unmapped.append(f"{key} (not the standard relative position table)")
+        elif not ok:
             unmapped.append(key)
         elif new is None:
             dropped.append(key)
@@ -243,7 +252,9 @@ def swin_from_original(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
             out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
             continue
         ok, new = _apply(_ORIGINAL_RULES, key)
-        if not ok:
+        if key.endswith("relative_position_index") and not _standard_index(value):
+            unmapped.append(f"{key} (not the standard relative position table)")
+        elif not ok:
             unmapped.append(key)
         elif new is None:
             dropped.append(key)
