@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,18 +70,29 @@ def unwrap_state_dict(obj: Mapping, prefix_to_strip: str = "module.") -> dict[st
 
 
 def require_online(url: str, timeout: float = 5.0) -> None:
-    """Raise ``RuntimeError`` quickly when the host of ``url`` cannot be reached (offline machine)."""
+    """Raise ``RuntimeError`` within about ``2 * timeout`` seconds when the host of ``url`` cannot be reached
+    (offline machine). The probe (DNS + TCP connect) runs in a daemon thread so a stalled resolver cannot hang."""
     parsed = urlparse(url)
     host = parsed.hostname or url
     port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return
-    except OSError as error:
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(2 * timeout)
+    if not outcome.get("ok"):
+        reason = outcome.get("error", f"no answer within {2 * timeout:.0f} s")
         raise RuntimeError(
-            f"cannot download pretrained weights: {host} is not reachable ({error}). This machine looks offline; "
+            f"cannot download pretrained weights: {host} is not reachable ({reason}). This machine looks offline; "
             f"download the file elsewhere and pass its local path as `weights=`."
-        ) from error
+        )
 
 
 def download_state_dict(url: str, timeout: float = 5.0) -> dict[str, Tensor]:
