@@ -1,0 +1,23 @@
+"""What an auxiliary head hands to the query head's customised positive queries (spec 3.10, 5, 6.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class PositiveSet:
+    """Per-image candidate boxes of an auxiliary head and their one-to-many assignment.
+
+    coords: per image ``(N_i, 4)`` xyxy absolute pixels: the anchors (ATSS, all levels, all-zero boxes for
+        anchors outside the valid image region) or the sampled RoIs (RoI head: positives first, GT boxes
+        included when sampled).
+    labels: per image ``(N_i,)`` int64 class of the assigned GT; ``K`` (num_classes) = negative.
+    targets: per image ``(N_i, 4)`` xyxy absolute assigned GT box; zeros for negatives.
+    """
+
+    coords: list[Tensor]
+    labels: list[Tensor]
+    targets: list[Tensor]
