@@ -1,7 +1,8 @@
 """EVA-02-style plain ViT backbone of the original Co-DETR ViT-L configs (spec 2.4), one stride-16 output map.
 
-A compact own implementation (timm's EVA blocks use other parameter names and RoPE layout), with the original
-repository's parameter names so its checkpoints load unchanged: ``patch_embed.proj``, ``pos_embed``
+A compact own implementation (timm's ``Eva`` uses other parameter names and a cls-token model; its weights are
+converted on loading, :func:`eva_from_timm`), with the original repository's parameter names so Co-DETR ViT-L
+checkpoints load unchanged: ``patch_embed.proj``, ``pos_embed``
 ``(1, 1 + (pretrain_img_size / patch)**2, C)`` (cls slot kept, unused), ``blocks.{i}.norm1`` / ``attn.{q,k,v}_proj``
 (no bias) / ``attn.q_bias`` / ``attn.v_bias`` / ``attn.proj`` / ``norm2`` / ``mlp.{w1,w2,ffn_ln,w3}``, ``out_norm``.
 Library pieces: ``F.scaled_dot_product_attention``, timm ``DropPath``, ``torch.utils.checkpoint``.
