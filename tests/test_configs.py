@@ -147,3 +147,23 @@ def test_unknown_choice_fails_with_hydra_list(tmp_path):
     assert "resnet9000" in result.stderr and "Available options" in result.stderr
     for option in ("r50", "swin_l", "tiny", "vit_l"):
         assert option in result.stderr
+
+
+def test_tiny_backbone_config_builds_the_oracle_model(compose_cfg):
+    """backbone=tiny with K = 80 has exactly the oracle tiny model's state-dict layout (every key and shape)."""
+    import os
+
+    import torch
+    from hydra.utils import instantiate
+
+    from codetr.convert import convert_state_dict, load_detector_weights
+
+    oracle = Path(os.environ.get("CODETR_ORACLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "oracle"))
+    if not (oracle / "tiny_state_dict.pth").is_file():
+        pytest.skip(f"oracle data not found in {oracle}; set CODETR_ORACLE_DIR")
+    cfg = compose_cfg("train", ["experiment=demo", "data.num_classes=80"])
+    detector = instantiate(cfg.model.detector)
+    own = {k: v.shape for k, v in detector.state_dict().items()}
+    converted = convert_state_dict(torch.load(oracle / "tiny_state_dict.pth", weights_only=True), expected=own)
+    assert load_detector_weights(detector, converted.state_dict, strict_classes=True) == []
+    assert sum(p.numel() for p in detector.parameters()) == 2_919_461
