@@ -144,11 +144,11 @@ def test_images_without_gt():
     # a batch without any GT: regression terms are zero, classification stays finite (normaliser clamped)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     atss_losses, _ = atss.loss(feats, SIZES, empty)
-    assert float(atss_losses["loss_bbox"]) == 0 and float(atss_losses["loss_centerness"]) == 0
-    assert torch.isfinite(atss_losses["loss_cls"]) and float(atss_losses["loss_cls"]) > 0
+    assert atss_losses["loss_bbox"].item() == 0 and atss_losses["loss_centerness"].item() == 0
+    assert torch.isfinite(atss_losses["loss_cls"]) and atss_losses["loss_cls"].item() > 0
     rpn_losses, proposals = rpn.loss_and_proposals(feats, SIZES, empty)
     roi_losses, _ = roi.loss(feats[:5], proposals, SIZES, empty)
-    assert float(rpn_losses["loss_rpn_bbox"]) == 0 and float(roi_losses["loss_bbox"]) == 0
+    assert rpn_losses["loss_rpn_bbox"].item() == 0 and roi_losses["loss_bbox"].item() == 0
     assert torch.isfinite(roi_losses["loss_cls"])
 
 
