@@ -1,6 +1,8 @@
 """RPN of Co-DETR's Faster R-CNN auxiliary branch (spec 6.1, state-dict keys spec 11.4).
 
-Runs on the 6-level auxiliary pyramid (strides 4..128) with class-agnostic GT (the detector zeroes the labels).
+Runs on the 6-level auxiliary pyramid (strides 4..128) with class-agnostic GT (the detector zeroes the labels; any
+positive anchor is foreground here). Every anchor on a valid location takes part, also those crossing the image
+border (the reference's ``allowed_border=-1``).
 Training: max-IoU assignment (low-quality matching) and random sampling of 256 anchors per image,
 sigmoid-BCE and L1-on-deltas losses (weights x12), then up to 1000 detached proposals per image (per-level top
 ``nms_pre``, decode clipped to the image, drop empty boxes, NMS separately per level, keep the best).
@@ -156,7 +158,7 @@ class RPNHead(nn.Module):
             img_logits, img_deltas = logits[i][valid], deltas[i][valid]
             inds = torch.cat([sample.pos_inds, sample.neg_inds])
             cls_target = torch.zeros(len(inds), device=device)
-            cls_target[: len(sample.pos_inds)] = (sample.pos_gt_labels == 0).float()
+            cls_target[: len(sample.pos_inds)] = 1.0  # class-agnostic: every positive is foreground
             cls_terms.append(
                 F.binary_cross_entropy_with_logits(img_logits[inds], cls_target, reduction="sum")
             )
