@@ -1,0 +1,191 @@
+"""LSJ and DETR-style augmentation pipelines (spec 8) on ``torchvision.transforms.v2`` + ``tv_tensors``.
+
+v2 provides flips, resizes (``ScaleJitter``, ``RandomShortestSize``, ``Resize``), padding and box sanitising; the
+few steps it lacks are written here: the "crop to at most S x S" and absolute-range random crops, boxes recomputed
+from masks, padding to a fixed canvas, and the bookkeeping the model and evaluation need (``image_size`` as the
+model sees it, ``scale_factor`` to map predictions back to the original image).
+
+Every pipeline maps a sample dict (see :class:`codetr.data.coco.CocoDetection`) to a sample dict with the extra
+keys ``image_size`` ``(h, w)`` and ``scale_factor`` ``(w_scale, h_scale)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+
+def _size(sample: dict) -> tuple[int, int]:
+    return tuple(sample["image"].shape[-2:])
+
+
+class RecordResize(v2.Transform):
+    """Remembers the content size after resizing: ``scale_factor`` relative to ``orig_size`` and ``image_size``."""
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        h, w = _size(sample)
+        oh, ow = sample["orig_size"]
+        return {**sample, "image_size": (h, w), "scale_factor": (w / ow, h / oh)}
+
+
+class CropAtMost(v2.Transform):
+    """Random crop of ``(min(h, S), min(w, S))`` (LSJ's ``absolute_range`` crop to the canvas); boxes are shifted
+    and clipped; with masks, boxes are recomputed as the tight boxes of the cropped masks."""
+
+    def __init__(self, size: int, recompute_from_masks: bool = True):
+        super().__init__()
+        self.size, self.recompute = size, recompute_from_masks
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        h, w = _size(sample)
+        ch, cw = min(h, self.size), min(w, self.size)
+        top = int(torch.randint(0, h - ch + 1, ()).item())
+        left = int(torch.randint(0, w - cw + 1, ()).item())
+        return crop_sample(sample, top, left, ch, cw, self.recompute)
+
+
+class RandomAbsoluteCrop(v2.Transform):
+    """DETR-aug crop: height and width drawn independently and uniformly from ``[min(side, lo), min(side, hi)]``."""
+
+    def __init__(self, low: int = 384, high: int = 600):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        h, w = _size(sample)
+        ch = int(torch.randint(min(h, self.low), min(h, self.high) + 1, ()).item())
+        cw = int(torch.randint(min(w, self.low), min(w, self.high) + 1, ()).item())
+        top = int(torch.randint(0, h - ch + 1, ()).item())
+        left = int(torch.randint(0, w - cw + 1, ()).item())
+        return crop_sample(sample, top, left, ch, cw, recompute_from_masks=False)
+
+
+def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes of ``(N, H, W)`` masks (exclusive max), zeros for empty masks."""
+    boxes = torch.zeros(len(masks), 4)
+    if len(masks):
+        rows, cols = masks.any(2), masks.any(1)
+        for i in range(len(masks)):
+            ys, xs = torch.nonzero(rows[i]).view(-1), torch.nonzero(cols[i]).view(-1)
+            if len(ys) and len(xs):
+                boxes[i] = torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
+    return boxes
+
+
+def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool) -> dict:
+    out = dict(sample)
+    out["image"] = TF.crop(sample["image"], top, left, height, width)
+    boxes = sample["boxes"].as_subclass(torch.Tensor) - torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    if "masks" in sample:
+        out["masks"] = TF.crop(sample["masks"], top, left, height, width)
+        if recompute_from_masks:
+            boxes = masks_to_boxes_safe(out["masks"].as_subclass(torch.Tensor))
+    out["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+    return drop_empty(out, 0.0)
+
+
+def drop_empty(sample: dict, min_size: float) -> dict:
+    """Remove boxes (and their labels / masks) whose width or height is not above ``min_size``."""
+    boxes = sample["boxes"].as_subclass(torch.Tensor)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    out = dict(sample)
+    out["boxes"] = tv_tensors.wrap(boxes[keep], like=sample["boxes"])
+    out["labels"] = sample["labels"][keep]
+    if "masks" in sample:
+        out["masks"] = tv_tensors.wrap(sample["masks"].as_subclass(torch.Tensor)[keep], like=sample["masks"])
+    return out
+
+
+class DropSmallBoxes(v2.Transform):
+    def __init__(self, min_size: float):
+        super().__init__()
+        self.min_size = min_size
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        return drop_empty(sample, self.min_size)
+
+
+class PadToCanvas(v2.Transform):
+    """Pad bottom/right to ``S x S`` with ``fill`` (LSJ: 114 before normalisation); ``image_size`` = canvas."""
+
+    def __init__(self, size: int, fill: int = 114):
+        super().__init__()
+        self.size, self.fill = size, fill
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        h, w = _size(sample)
+        padding = [0, 0, self.size - w, self.size - h]
+        out = dict(sample)
+        out["image"] = TF.pad(sample["image"], padding, fill=self.fill)
+        if "masks" in sample:
+            out["masks"] = TF.pad(sample["masks"], padding, fill=0)
+        out["boxes"] = tv_tensors.wrap(sample["boxes"].as_subclass(torch.Tensor), like=sample["boxes"],
+                                       canvas_size=(self.size, self.size))
+        out["image_size"] = (self.size, self.size)
+        return out
+
+
+class Pipeline(v2.Compose):
+    """A v2 ``Compose`` that tells the dataset whether a sample that lost all its boxes must be redrawn."""
+
+    def __init__(self, transforms: Sequence, resample_if_empty: bool = False):
+        super().__init__(list(transforms))
+        self.resample_if_empty = resample_if_empty
+
+
+def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 114, min_box_size: float = 0.01,
+              hflip_prob: float = 0.5, **_: object) -> Pipeline:
+    """Spec 8.1 load pipeline: jitter the long side to S*r, crop to at most S x S (boxes from masks), drop boxes
+    <= ``min_box_size``, flip, pad to S x S. Copy-Paste runs afterwards on two such samples."""
+    return Pipeline(
+        [
+            v2.ScaleJitter((canvas_size, canvas_size), scale_range=tuple(scale_range), antialias=True),
+            CropAtMost(canvas_size),
+            DropSmallBoxes(min_box_size),
+            v2.RandomHorizontalFlip(hflip_prob),
+            RecordResize(),
+            PadToCanvas(canvas_size, pad_value),
+        ],
+        resample_if_empty=True,
+    )
+
+
+def lsj_test(canvas_size: int = 1024, pad_value: int = 114, **_: object) -> Pipeline:
+    """Fit the long side to S keeping the ratio, pad to S x S."""
+    return Pipeline([v2.Resize(size=None, max_size=canvas_size, antialias=True), RecordResize(),
+                     PadToCanvas(canvas_size, pad_value)])
+
+
+def detr_train(scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), max_size: int = 1333,
+               crop_scales=(400, 500, 600), crop_max_size: int = 4200, crop_size=(384, 600), hflip_prob: float = 0.5,
+               **_: object) -> Pipeline:
+    """Spec 8.2: flip, then 50/50 multi-scale resize or (resize -> absolute-range crop -> multi-scale resize)."""
+    multi_scale = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
+    crop_branch = v2.Compose([
+        v2.RandomShortestSize(list(crop_scales), max_size=crop_max_size, antialias=True),
+        RandomAbsoluteCrop(*crop_size),
+        v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True),
+    ])
+    return Pipeline([v2.RandomHorizontalFlip(hflip_prob), v2.RandomChoice([multi_scale, crop_branch]),
+                     DropSmallBoxes(0.0), RecordResize()])
+
+
+def detr_test(test_scale: int = 800, test_max_size: int = 1333, **_: object) -> Pipeline:
+    return Pipeline([v2.Resize(test_scale, max_size=test_max_size, antialias=True), RecordResize()])
+
+
+def build_pipeline(aug: Mapping, train: bool) -> Pipeline:
+    """Pipeline from an ``aug/*.yaml`` mapping (``name`` = lsj or detr, the rest are its parameters)."""
+    params = {k: v for k, v in dict(aug).items() if k != "name"}
+    name = aug.get("name")
+    builders = {("lsj", True): lsj_train, ("lsj", False): lsj_test, ("detr", True): detr_train,
+                ("detr", False): detr_test}
+    if (name, train) not in builders:
+        raise ValueError(f"unknown augmentation {name!r}: choose lsj or detr")
+    return builders[(name, train)](**params)

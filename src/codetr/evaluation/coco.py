@@ -1,0 +1,110 @@
+"""COCO and LVIS box AP with faster-coco-eval (numbers identical to pycocotools / the LVIS API), correct under DDP.
+
+Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to COCO
+results (``xywh``, category ids) and evaluated against the original annotation file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from faster_coco_eval import COCO, COCOeval_faster
+
+log = logging.getLogger(__name__)
+COCO_KEYS = {"AP_all": "AP", "AP_50": "AP50", "AP_75": "AP75", "AP_small": "APs", "AP_medium": "APm",
+             "AP_large": "APl", "AR_all": "AR", "APr": "APr", "APc": "APc", "APf": "APf"}
+
+
+class CocoEvaluator:
+    """Accumulates detections and computes box AP.
+
+    Args:
+        annotation_file: ground-truth COCO / LVIS json (original annotations).
+        category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted json ids.
+        lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections per image).
+        max_detections: detections per image kept for evaluation (COCO 100 by protocol; LVIS 300).
+    """
+
+    def __init__(self, annotation_file: str | Path, category_ids: Sequence[int] | None = None, lvis: bool = False,
+                 max_detections: int | None = None):
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(f"annotation file not found: {self.annotation_file}")
+        self.lvis = lvis
+        self.max_detections = max_detections or (300 if lvis else 100)
+        self._category_ids = list(category_ids) if category_ids is not None else None
+        self.results: list[dict] = []
+        self.image_ids: set[int] = set()
+
+    def category_ids(self, gt: COCO) -> list[int]:
+        return self._category_ids or sorted(gt.getCatIds())
+
+    def reset(self) -> None:
+        self.results, self.image_ids = [], set()
+
+    def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
+        """``detections``: per image ``{boxes (N, 4) xyxy original pixels, scores (N,), labels (N,)}``."""
+        for image_id, det in zip(image_ids, detections):
+            self.image_ids.add(int(image_id))
+            order = det["scores"].argsort(descending=True)[: self.max_detections]
+            boxes = det["boxes"][order].float().cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+            for box, score, label in zip(xywh, det["scores"][order].tolist(), det["labels"][order].tolist()):
+                self.results.append({"image_id": int(image_id), "bbox": [round(v, 3) for v in box],
+                                     "score": float(score), "label": int(label)})
+
+    def _gather(self) -> tuple[list[dict], set[int]]:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.results, sorted(self.image_ids)))
+            results = [r for part, _ in gathered for r in part]
+            ids = {i for _, part in gathered for i in part}
+            # a DistributedSampler pads with repeated images: keep one copy of each image's detections
+            unique, seen = [], set()
+            for r in results:
+                key = (r["image_id"], tuple(r["bbox"]), r["score"], r["label"])
+                if key not in seen:
+                    seen.add(key)
+                    unique.append(r)
+            return unique, ids
+        return self.results, self.image_ids
+
+    def coco_results(self, gt: COCO | None = None) -> list[dict]:
+        gt = gt or self._load_gt()
+        ids = self.category_ids(gt)
+        results, _ = self._gather()
+        return [{"image_id": r["image_id"], "bbox": r["bbox"], "score": r["score"],
+                 "category_id": int(ids[r["label"]])} for r in results]
+
+    def _load_gt(self) -> COCO:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(self.annotation_file))
+
+    def compute(self, results_file: str | Path | None = None) -> dict[str, float]:
+        """AP metrics over the images seen by all ranks (every rank returns the same numbers)."""
+        gt = self._load_gt()
+        results = self.coco_results(gt)
+        _, image_ids = self._gather()
+        if results_file is not None:
+            Path(results_file).write_text(json.dumps(results))
+        if not results:
+            log.warning("no detections to evaluate: AP = 0")
+            return {v: 0.0 for k, v in COCO_KEYS.items() if self.lvis or k not in ("APr", "APc", "APf")}
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes(results)
+            evaluator = COCOeval_faster(gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None)
+            evaluator.params.imgIds = sorted(image_ids)
+            if self.lvis:
+                evaluator.params.maxDets = [self.max_detections]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        stats = evaluator.stats_as_dict
+        return {COCO_KEYS[k]: float(v) for k, v in stats.items() if k in COCO_KEYS}
