@@ -204,7 +204,9 @@ class ATSSHead(nn.Module):
             decoded = self.coder.decode(pos_anchors, deltas[pos])
             giou = generalized_box_iou_loss(decoded, pos_targets, reduction="none")
             ctr_sum = mean_over_ranks(ctr_targets.sum().detach()).clamp(min=1.0)
-            loss_bbox = self.loss_bbox_weight * (giou * ctr_targets).sum() / (1.0 + _EPS) / ctr_sum
+            # "+ 0 * all deltas": levels without positives stay in the graph (zero gradient) like the reference,
+            # so every scale is used in each step (DDP without find_unused_parameters)
+            loss_bbox = self.loss_bbox_weight * (giou * ctr_targets).sum() / (1.0 + _EPS) / ctr_sum + deltas.sum() * 0
             bce = F.binary_cross_entropy_with_logits(centerness[pos], ctr_targets, reduction="sum")
             loss_centerness = self.loss_centerness_weight * bce / (num_pos + _EPS)
         else:
