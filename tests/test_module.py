@@ -125,7 +125,7 @@ def test_vit_layer_decay_ids_and_scales():
     model.backbone.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
     model.head = torch.nn.Linear(2, 2)
     groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.8, layer_decay_num_layers=2, no_decay_1d=True)
-    scales = {(g["lr_scale"], g["weight_decay"]) for g in groups}
+    scales = {(round(g["lr_scale"], 6), g["weight_decay"]) for g in groups}
     assert scales == {(1.0, 0.05), (1.0, 0.0), (0.8, 0.05), (0.8, 0.0), (0.64, 0.05), (0.64, 0.0)}
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig
-from torchvision.io import ImageReadMode, decode_image
 
+from codetr.data.coco import load_rgb
 from codetr.train import build_module, build_trainer
 from codetr.utils import check_targets, instantiate_checked
 from codetr.utils.checkpoints import load_detector_weights
@@ -67,7 +67,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             "names": [names[k] if names and k < len(names) else str(k) for k in labels],
         })
         if cfg.save_images:
-            image = decode_image(str(file), mode=ImageReadMode.RGB)
+            image = load_rgb(file)  # same decoding as the dataset (EXIF orientation, RGB)
             drawn = draw_detections(image, detection["boxes"], detection["labels"], detection["scores"], names,
                                     cfg.score_threshold)
             save_png(drawn, out_dir / f"{file.stem}.png")

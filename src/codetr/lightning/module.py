@@ -148,9 +148,8 @@ class CoDETRModule(pl.LightningModule):
             return {}
         metrics = {k: float(v) for k, v in evaluator.compute().items() if isinstance(v, int | float)}
         # compute() returns the same numbers on every rank (gathered predictions), so no reduction is needed.
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=False)
-        if "AP" in metrics:
-            self.log(f"{stage}/AP", metrics["AP"], prog_bar=True)
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "AP")
         return metrics
 
     def on_validation_epoch_start(self) -> None:

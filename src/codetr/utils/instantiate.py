@@ -27,10 +27,19 @@ def _walk_targets(node: Any, path: str) -> Iterable[tuple[str, Any]]:
 
 
 def check_targets(cfg: Any, allowed: tuple[str, ...] = ALLOWED_PREFIXES) -> None:
-    """Raise ``ValueError`` naming every ``_target_`` outside ``allowed`` (interpolations are resolved first)."""
+    """Raise ``ValueError`` naming every ``_target_`` outside ``allowed`` (interpolations are resolved first).
+    Hydra's own node (``hydra``: launcher, sweeper) is not ours to instantiate and is skipped."""
     if not isinstance(cfg, DictConfig | ListConfig):
         cfg = OmegaConf.create(cfg)
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if isinstance(cfg, DictConfig):
+        # child nodes keep their parent, so interpolations into the rest of the config still resolve
+        resolved = OmegaConf.create({
+            key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig | ListConfig)
+            else cfg[key]
+            for key in cfg if key != "hydra"
+        })
+    else:
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     bad = [
         f"{path}={target!r}"
         for path, target in _walk_targets(resolved, "")
