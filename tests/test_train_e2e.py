@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from codetr.evaluate import evaluate
 from codetr.predict import predict
@@ -81,5 +82,5 @@ def test_multirun_two_jobs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("demo/multiruns/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]
-    lrs = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
-    assert "optimizer.lr=1e-4" in lrs[0] and "optimizer.lr=2e-4" in lrs[1]
+    lrs = [OmegaConf.load(job / ".hydra" / "config.yaml").optimizer.lr for job in jobs]
+    assert lrs == [1e-4, 2e-4]
