@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 

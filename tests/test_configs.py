@@ -167,3 +167,21 @@ def test_tiny_backbone_config_builds_the_oracle_model(compose_cfg):
     converted = convert_state_dict(torch.load(oracle / "tiny_state_dict.pth", weights_only=True), expected=own)
     assert load_detector_weights(detector, converted.state_dict, strict_classes=True) == []
     assert sum(p.numel() for p in detector.parameters()) == 2_919_461
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", {"failed": 2, "passed": 1}), ("", {"skipped": 2, "passed": 1})])
+def test_skipped_oracle_tests_fail_under_ci(pytester, monkeypatch, ci, outcome):
+    """The conftest hook: under CI=true a skipped oracle test (marked, in an *oracle* file, or skipped for missing
+    oracle data) is a failure; other skips and local runs are untouched."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_parity_oracle="import pytest\ndef test_a():\n    pytest.skip('no data')\n")
+    pytester.makepyfile(test_other="""
+import pytest
+def test_b():
+    pytest.skip('oracle data not found in /x')
+def test_c():
+    pass
+""")
+    monkeypatch.setenv("CI", ci)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(**outcome)
