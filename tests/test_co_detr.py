@@ -16,19 +16,19 @@ K = 3
 
 def detector(aux=True):
     torch.manual_seed(0)
-    transformer = DinoTransformer(embed_dims=32, num_heads=4, num_levels=5, num_points=2, num_encoder_layers=1,
-                                  num_decoder_layers=2, ffn_dims=64, num_queries=30)
+    transformer = DinoTransformer(embed_dims=64, num_heads=4, num_levels=5, num_points=2, num_encoder_layers=1,
+                                  num_decoder_layers=2, ffn_dims=64, num_queries=30)  # width 64: GN(32) needs >1 value per group
     head = CoDINOHead(K, transformer, num_dn_queries=6)
     heads = {}
     if aux:
-        heads = dict(rpn_head=RPNHead(in_channels=32, feat_channels=32),
-                     roi_head=[RoIHead(num_classes=K, in_channels=32, fc_channels=64)],
-                     bbox_head=[ATSSHead(num_classes=K, in_channels=32, feat_channels=32)])
-    return CoDETR(ResNet(base_channels=8), ChannelMapper([32, 64, 128, 256], 32, 5), head, **heads)
+        heads = dict(rpn_head=RPNHead(in_channels=64, feat_channels=64),
+                     roi_head=[RoIHead(num_classes=K, in_channels=64, fc_channels=64)],
+                     bbox_head=[ATSSHead(num_classes=K, in_channels=64, feat_channels=64)])
+    return CoDETR(ResNet(base_channels=8), ChannelMapper([32, 64, 128, 256], 64, 5), head, **heads)
 
 
 def batch():
-    images = torch.randn(2, 3, 96, 128)
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     sizes = torch.tensor([[96, 128], [80, 96]])
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 120.0, 90.0]]), "labels": torch.tensor([0, 2])},
                {"boxes": torch.tensor([[5.0, 5.0, 40.0, 70.0]]), "labels": torch.tensor([1])}]

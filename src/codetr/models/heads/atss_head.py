@@ -198,12 +198,18 @@ class ATSSHead(nn.Module):
         onehot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].float()
         focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
         loss_cls = self.loss_cls_weight * (focal * weights[..., None]).sum() / (num_pos + _EPS)
-        if bool(pos.any()):
+        has_pos = bool(pos.any())
+        if has_pos:
             pos_anchors, pos_targets = anchors[pos], box_targets[pos]
             ctr_targets = centerness_targets(pos_anchors, pos_targets)
+            ctr_total = ctr_targets.sum().detach()
+        else:
+            ctr_total = deltas.new_zeros(())
+        # every rank joins this all-reduce, with or without positives (a skipped collective hangs DDP)
+        ctr_sum = mean_over_ranks(ctr_total).clamp(min=1.0)
+        if has_pos:
             decoded = self.coder.decode(pos_anchors, deltas[pos])
             giou = generalized_box_iou_loss(decoded, pos_targets, reduction="none")
-            ctr_sum = mean_over_ranks(ctr_targets.sum().detach()).clamp(min=1.0)
             # "+ 0 * all deltas": levels without positives stay in the graph (zero gradient) like the reference,
             # so every scale is used in each step (DDP without find_unused_parameters)
             loss_bbox = self.loss_bbox_weight * (giou * ctr_targets).sum() / (1.0 + _EPS) / ctr_sum + deltas.sum() * 0
