@@ -185,3 +185,18 @@ def test_c():
     monkeypatch.setenv("CI", ci)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(**outcome)
+
+
+@pytest.mark.parametrize("choice", ["debug=default", "debug=fdr", "debug=limit", "debug=overfit", "hparams_search=lr_grid",
+                                    "logger=many", "logger=wandb", "callbacks=ema", "callbacks=wandb", "trainer=ddp",
+                                    "trainer=fsdp", "model=dino", "data=lvis", "data=objects365"])
+def test_other_choices_compose(compose_cfg, choice):
+    cfg = resolved(compose_cfg("train", ["experiment=demo", choice]))
+    if choice == "model=dino":
+        assert resolved(compose_cfg("train", [choice]))["model"]["detector"]["rpn_head"] is None
+    if choice == "model=dino":
+        detector = cfg["model"]["detector"]
+        assert detector["rpn_head"] is None and detector["roi_head"] is None and detector["bbox_head"] is None
+        assert detector["query_head"]["transformer"]["num_co_heads"] == 0
+    if choice.startswith("debug="):
+        assert cfg["trainer"]["accelerator"] == "cpu" and cfg["data"]["datamodule"]["num_workers"] == 0
