@@ -58,6 +58,8 @@ class CoDETRModule(pl.LightningModule):
         evaluator_factory: ``callable(stage) -> evaluator`` with ``update(image_ids, detections)`` and
             ``compute() -> dict[str, float]`` (e.g. :class:`codetr.evaluation.CocoEvaluator`); when None the
             datamodule's ``evaluator(stage)`` is used if it has one, else AP is not computed.
+        check_finite: stop with the per-term values when the total loss is not finite (one host-device sync
+            per step).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CoDETRModule(pl.LightningModule):
         pixel_std: Sequence[float] = PIXEL_STD,
         class_names: Sequence[str] | None = None,
         evaluator_factory: Callable[[str], Any] | None = None,
+        check_finite: bool = True,
     ):
         super().__init__()
         self.detector = detector
@@ -78,10 +81,11 @@ class CoDETRModule(pl.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
         self.class_names = list(class_names) if class_names is not None else None
         self.evaluator_factory = evaluator_factory
+        self.check_finite = check_finite
         self._evaluators: dict[str, Any] = {}
         self.save_hyperparameters(
             {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
-             "pixel_std": list(pixel_std)}
+             "pixel_std": list(pixel_std), "class_names": self.class_names}
         )
 
     # ------------------------------------------------------------------ helpers
@@ -111,7 +115,7 @@ class CoDETRModule(pl.LightningModule):
         losses = self.detector(self.normalize(batch), batch.image_sizes, batch.targets)
         loss = total_loss(losses)
         size = len(batch.image_sizes)
-        if not torch.isfinite(loss):
+        if self.check_finite and not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: "
                                      + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
