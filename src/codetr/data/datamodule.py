@@ -54,7 +54,10 @@ class CocoDataModule(pl.LightningDataModule):
         *_images / *_annotations: folders and json files per split (test defaults to val).
         predict_images: image file or folder for ``predict``.
         aug: the ``aug/*.yaml`` mapping (``name`` lsj / detr + parameters; LSJ's ``copy_paste*`` keys).
+        seed: seeds the training loader's shuffling and its workers' base seed (a ``torch.Generator``); under DDP
+            Lightning's ``DistributedSampler`` takes over the shuffling.
         lvis: evaluate with the LVIS protocol (default: detected from the annotation file).
+        max_detections: detections per image kept by the evaluator (default: COCO 100, LVIS 300).
     """
 
     def __init__(
@@ -153,10 +156,11 @@ class CocoDataModule(pl.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.persistent_workers,
-            collate_fn=partial(collate, size_divisor=self.size_divisor), drop_last=False,
+            collate_fn=partial(collate, size_divisor=self.size_divisor), drop_last=False, generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
