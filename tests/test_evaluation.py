@@ -4,7 +4,10 @@ import contextlib
 import io
 import json
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -65,3 +68,38 @@ def test_no_detections_gives_zero_ap(tmp_path):
     evaluator = CocoEvaluator(ground_truth(tmp_path))
     evaluator.update([1], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}])
     assert evaluator.compute()["AP"] == 0.0
+
+
+def test_results_file_holds_coco_entries_in_original_frame(tmp_path):
+    evaluator = CocoEvaluator(ground_truth(tmp_path), category_ids=[1, 2])
+    evaluator.update([2], [DETECTIONS[2]])
+    evaluator.compute(results_file=tmp_path / "out.json")
+    entries = json.loads((tmp_path / "out.json").read_text())
+    assert [(e["image_id"], e["bbox"], e["category_id"]) for e in entries] == [
+        (2, [5.0, 62.0, 55.0, 28.0], 1), (2, [30.0, 30.0, 30.0, 30.0], 2)]  # xyxy -> xywh, label -> category id
+    assert [e["score"] for e in entries] == pytest.approx([0.8, 0.3])
+
+
+def _ddp_worker(rank, world, init_file, gt_path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        evaluator = CocoEvaluator(gt_path, category_ids=[1, 2])
+        # rank 0 sees image 1, rank 1 sees image 2 and (DistributedSampler padding) image 1 again
+        for image_id in ([1] if rank == 0 else [2, 1]):
+            evaluator.update([image_id], [DETECTIONS[image_id]])
+        metrics = evaluator.compute(results_file=out_dir / "results.json")
+        (out_dir / f"metrics{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gathers_every_rank_and_counts_repeated_images_once(tmp_path):
+    path = ground_truth(tmp_path)
+    single = CocoEvaluator(path, category_ids=[1, 2])
+    for image_id, det in DETECTIONS.items():
+        single.update([image_id], [det])
+    expected = single.compute()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), path, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"metrics{rank}.json").read_text()) == expected
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 5

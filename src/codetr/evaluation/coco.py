@@ -40,48 +40,45 @@ class CocoEvaluator:
         self.lvis = lvis
         self.max_detections = max_detections or (300 if lvis else 100)
         self._category_ids = list(category_ids) if category_ids is not None else None
-        self.results: list[dict] = []
-        self.image_ids: set[int] = set()
+        self.results: dict[int, list[dict]] = {}
 
     def category_ids(self, gt: COCO) -> list[int]:
         return self._category_ids or sorted(gt.getCatIds())
 
     def reset(self) -> None:
-        self.results, self.image_ids = [], set()
+        self.results = {}
 
     def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
         """``detections``: per image ``{boxes (N, 4) xyxy original pixels, scores (N,), labels (N,)}``."""
         for image_id, det in zip(image_ids, detections):
-            self.image_ids.add(int(image_id))
+            per_image = self.results[int(image_id)] = []
             order = det["scores"].argsort(descending=True)[: self.max_detections]
             boxes = det["boxes"][order].float().cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
             for box, score, label in zip(xywh, det["scores"][order].tolist(), det["labels"][order].tolist()):
-                self.results.append({"image_id": int(image_id), "bbox": [round(v, 3) for v in box],
-                                     "score": float(score), "label": int(label)})
+                per_image.append({"image_id": int(image_id), "bbox": [round(v, 3) for v in box],
+                                  "score": float(score), "label": int(label)})
 
-    def _gather(self) -> tuple[list[dict], set[int]]:
+    def _gather(self) -> dict[int, list[dict]]:
+        """Every rank's detections, one entry per image (a ``DistributedSampler`` pads the last batch with repeated
+        images; their identical detections are counted once)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.results, sorted(self.image_ids)))
-            results = [r for part, _ in gathered for r in part]
-            ids = {i for _, part in gathered for i in part}
-            # a DistributedSampler pads with repeated images: keep one copy of each image's detections
-            unique, seen = [], set()
-            for r in results:
-                key = (r["image_id"], tuple(r["bbox"]), r["score"], r["label"])
-                if key not in seen:
-                    seen.add(key)
-                    unique.append(r)
-            return unique, ids
-        return self.results, self.image_ids
+            dist.all_gather_object(gathered, self.results)
+            merged: dict[int, list[dict]] = {}
+            for part in gathered:
+                for image_id, detections in part.items():
+                    merged.setdefault(image_id, detections)
+            return merged
+        return self.results
 
-    def coco_results(self, gt: COCO | None = None) -> list[dict]:
+    def coco_results(self, gt: COCO | None = None, per_image: dict[int, list[dict]] | None = None) -> list[dict]:
+        """COCO result entries (``bbox`` xywh, ``category_id``) of all ranks' detections."""
         gt = gt or self._load_gt()
         ids = self.category_ids(gt)
-        results, _ = self._gather()
-        return [{"image_id": r["image_id"], "bbox": r["bbox"], "score": r["score"],
-                 "category_id": int(ids[r["label"]])} for r in results]
+        per_image = self._gather() if per_image is None else per_image
+        return [{"image_id": r["image_id"], "bbox": r["bbox"], "score": r["score"], "category_id": int(ids[r["label"]])}
+                for detections in per_image.values() for r in detections]
 
     def _load_gt(self) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -90,9 +87,10 @@ class CocoEvaluator:
     def compute(self, results_file: str | Path | None = None) -> dict[str, float]:
         """AP metrics over the images seen by all ranks (every rank returns the same numbers)."""
         gt = self._load_gt()
-        results = self.coco_results(gt)
-        _, image_ids = self._gather()
-        if results_file is not None:
+        per_image = self._gather()
+        results = self.coco_results(gt, per_image)
+        image_ids = sorted(per_image)
+        if results_file is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             Path(results_file).write_text(json.dumps(results))
         if not results:
             log.warning("no detections to evaluate: AP = 0")
@@ -100,7 +98,7 @@ class CocoEvaluator:
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(results)
             evaluator = COCOeval_faster(gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None)
-            evaluator.params.imgIds = sorted(image_ids)
+            evaluator.params.imgIds = image_ids
             if self.lvis:
                 evaluator.params.maxDets = [self.max_detections]
             evaluator.evaluate()
