@@ -9,8 +9,11 @@ from codetr.data.transforms import (
     CropAtMost,
     PadToCanvas,
     RandomAbsoluteCrop,
+    KeepRatioResize,
+    LongSideJitter,
     crop_sample,
     detr_test,
+    detr_train,
     lsj_test,
     lsj_train,
     masks_to_boxes_safe,
@@ -86,10 +89,42 @@ def test_lsj_train_output_is_always_the_canvas():
 
 def test_detr_test_resize_short_side_with_long_cap():
     out = detr_test(test_scale=80, test_max_size=100)(sample(h=40, w=60))
-    assert out["image"].shape[-2:] == (66, 100)  # 80 would make the long side 120 > 100
-    assert out["image_size"] == (66, 100)
+    # 80 would make the long side 120 > 100: ratio 100/60, height 40 * 5/3 = 66.67 rounds to 67 (reference rounding)
+    assert out["image"].shape[-2:] == (67, 100)
+    assert out["image_size"] == (67, 100)
     sw, sh = out["scale_factor"]
-    assert abs(sw - 100 / 60) < 1e-6 and abs(sh - 66 / 40) < 1e-6
+    assert abs(sw - 100 / 60) < 1e-6 and abs(sh - 67 / 40) < 1e-6
+
+
+def test_resize_rounds_to_the_nearest_pixel_like_the_reference():
+    # 30 x 40 to short side 50: width 40 * 50/30 = 66.67 -> 67 (torchvision's own resize truncates to 66)
+    out = KeepRatioResize([50], max_size=1000)(sample(h=30, w=40, boxes=((3.0, 3.0, 12.0, 9.0),)))
+    assert out["image"].shape[-2:] == (50, 67) and out["masks"].shape[-2:] == (50, 67)
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor),
+                               torch.tensor([[3 * 67 / 40, 5.0, 12 * 67 / 40, 15.0]]))
+
+
+def test_long_side_jitter_sets_the_long_side_to_s_times_r():
+    # r fixed at 0.5, S = 64: 40 x 60 -> ratio 32/60, height 21.33 -> 21, width 32
+    out = LongSideJitter((64, 64), scale_range=(0.5, 0.5))(sample(h=40, w=60))
+    assert out["image"].shape[-2:] == (21, 32) and out["boxes"].canvas_size == (21, 32)
+
+
+def test_detr_train_sizes_come_from_the_scale_list_or_the_cap():
+    torch.manual_seed(0)
+    pipeline = detr_train(scales=(48, 64), max_size=90, crop_scales=(40, 50), crop_size=(20, 30))
+    seen = set()
+    for _ in range(30):
+        out = pipeline(sample(h=40, w=60, boxes=((10.0, 5.0, 30.0, 25.0), (40.0, 20.0, 58.0, 38.0))))
+        h, w = out["image"].shape[-2:]
+        assert out["image_size"] == (h, w) and "masks" in out
+        assert min(h, w) in (48, 64) or max(h, w) == 90
+        seen.add((h, w))
+        boxes = out["boxes"].as_subclass(torch.Tensor)
+        assert len(boxes) == len(out["labels"]) and (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+    # both branches ran: the crop branch gives aspect ratios other than the original 2:3
+    assert any(abs(w / h - 1.5) > 0.1 for h, w in seen) and (48, 72) in seen
 
 
 def test_masks_to_boxes_is_exclusive_on_the_max_side():

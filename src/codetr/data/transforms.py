@@ -23,6 +23,35 @@ def _size(sample: dict) -> tuple[int, int]:
     return tuple(sample["image"].shape[-2:])
 
 
+def _rounded_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """Resized ``(h, w)`` rounded to the nearest pixel like the reference (v2 truncates, which can lose 1 px)."""
+    return max(1, int(height * ratio + 0.5)), max(1, int(width * ratio + 0.5))
+
+
+class KeepRatioResize(v2.RandomShortestSize):
+    """v2 ``RandomShortestSize`` (short side drawn from ``min_size``, long side <= ``max_size``, keep ratio) with the
+    reference's nearest-pixel rounding. ``min_size = [S], max_size = S`` fits the long side to ``S`` (LSJ test)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        short = self.min_size[int(torch.randint(len(self.min_size), ()))]
+        ratio = short / min(height, width)
+        if self.max_size is not None:
+            ratio = min(ratio, self.max_size / max(height, width))
+        return {"size": _rounded_size(height, width, ratio)}
+
+
+class LongSideJitter(v2.ScaleJitter):
+    """v2 ``ScaleJitter`` on a square target ``S``: the long side becomes ``S * r``, ``r ~ U(scale_range)``, with
+    the reference's nearest-pixel rounding."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        scale = self.scale_range[0] + float(torch.rand(())) * (self.scale_range[1] - self.scale_range[0])
+        ratio = min(self.target_size[0] / height, self.target_size[1] / width) * scale
+        return {"size": _rounded_size(height, width, ratio)}
+
+
 class RecordResize(v2.Transform):
     """Remembers the content size after resizing: ``scale_factor`` relative to ``orig_size`` and ``image_size``."""
 
@@ -145,7 +174,7 @@ def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 
     <= ``min_box_size``, flip, pad to S x S. Copy-Paste runs afterwards on two such samples."""
     return Pipeline(
         [
-            v2.ScaleJitter((canvas_size, canvas_size), scale_range=tuple(scale_range), antialias=True),
+            LongSideJitter((canvas_size, canvas_size), scale_range=tuple(scale_range), antialias=True),
             CropAtMost(canvas_size),
             DropSmallBoxes(min_box_size),
             v2.RandomHorizontalFlip(hflip_prob),
@@ -158,7 +187,8 @@ def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 
 
 def lsj_test(canvas_size: int = 1024, pad_value: int = 114, **_: object) -> Pipeline:
     """Fit the long side to S keeping the ratio, pad to S x S."""
-    return Pipeline([v2.Resize(size=None, max_size=canvas_size, antialias=True), RecordResize(),
+    return Pipeline([KeepRatioResize([canvas_size], max_size=canvas_size, antialias=True), v2.ClampBoundingBoxes(),
+                     RecordResize(),
                      PadToCanvas(canvas_size, pad_value)])
 
 
@@ -166,18 +196,19 @@ def detr_train(scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), m
                crop_scales=(400, 500, 600), crop_max_size: int = 4200, crop_size=(384, 600), hflip_prob: float = 0.5,
                **_: object) -> Pipeline:
     """Spec 8.2: flip, then 50/50 multi-scale resize or (resize -> absolute-range crop -> multi-scale resize)."""
-    multi_scale = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
+    multi_scale = KeepRatioResize(list(scales), max_size=max_size, antialias=True)
     crop_branch = v2.Compose([
-        v2.RandomShortestSize(list(crop_scales), max_size=crop_max_size, antialias=True),
+        KeepRatioResize(list(crop_scales), max_size=crop_max_size, antialias=True),
         RandomAbsoluteCrop(*crop_size),
-        v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True),
+        KeepRatioResize(list(scales), max_size=max_size, antialias=True),
     ])
     return Pipeline([v2.RandomHorizontalFlip(hflip_prob), v2.RandomChoice([multi_scale, crop_branch]),
-                     DropSmallBoxes(0.0), RecordResize()])
+                     v2.ClampBoundingBoxes(), DropSmallBoxes(0.0), RecordResize()])
 
 
 def detr_test(test_scale: int = 800, test_max_size: int = 1333, **_: object) -> Pipeline:
-    return Pipeline([v2.Resize(test_scale, max_size=test_max_size, antialias=True), RecordResize()])
+    return Pipeline([KeepRatioResize([test_scale], max_size=test_max_size, antialias=True), v2.ClampBoundingBoxes(),
+                     RecordResize()])
 
 
 def build_pipeline(aug: Mapping, train: bool) -> Pipeline:
