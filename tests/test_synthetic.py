@@ -30,6 +30,7 @@ def datamodule(root, aug, **kwargs):
                           aug=aug, batch_size=3, num_workers=0, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_synthetic_annotations_match_the_pixels(root):
     data = json.loads((root / "annotations/train.json").read_text())
     assert {c["id"] for c in data["categories"]} == {1, 2, 3, 4}

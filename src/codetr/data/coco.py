@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -208,7 +209,9 @@ class CocoDetection(Dataset):
                     rle = mask_utils.frPyObjects(segmentation, height, width)
                 else:
                     rle = segmentation
-                decoded = torch.from_numpy(mask_utils.decode(rle))
+                with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword notice, not ours
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    decoded = torch.from_numpy(mask_utils.decode(rle))
                 if decoded.shape == masks.shape[1:]:
                     masks[i] = decoded
                     continue
@@ -221,7 +224,9 @@ class CocoDetection(Dataset):
             sample = self.load(index)
         except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for broken / non-image files
             if self.stats["unreadable images skipped"] == 0:
-                log.warning("cannot read %s (%s); skipping it (counted)", self.image_path(self.images[index]), error)
+                log.warning("cannot read %s (%s); skipping it and drawing another image (further unreadable images "
+                            "are skipped silently and counted in dataset.stats)", self.image_path(self.images[index]),
+                            error)
             self.stats["unreadable images skipped"] += 1
             return None
         had_boxes = len(sample["boxes"]) > 0
