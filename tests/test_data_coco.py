@@ -144,3 +144,22 @@ def test_synthetic_dataset_is_deterministic_and_reused(tmp_path):
     ds = CocoDetection(a / "train", a / "annotations" / "train.json", with_masks=True)
     s = ds[0]
     assert s["masks"].shape[0] == len(s["boxes"]) > 0
+
+
+def test_discarded_samples_are_redrawn_and_the_mix_partner_is_always_usable(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    images = [{"id": i, "file_name": n, "width": 64, "height": 48} for i, n in ((1, "a.png"), (2, "b.png"))]
+    anns = [{"id": i, "image_id": i, "category_id": 5, "bbox": [4, 4, 20, 20], "iscrowd": 0} for i in (1, 2)]
+
+    def transform(sample):  # the pipeline discards image 1 (as FilterAnnotations would after a bad crop)
+        return {**sample, "discard": True} if sample["image_id"] == 1 else sample
+
+    partners = []
+    ds = CocoDetection(tmp_path, coco(tmp_path, images, anns), transform=transform,
+                       mix=lambda dst, src: partners.append(src["image_id"]) or dst)
+    for _ in range(5):
+        out = ds[0]
+        assert out["image_id"] == 2 and "discard" not in out
+    assert partners == [2] * 5
+    assert ds.stats["augmented samples that lost all boxes redrawn"] >= 5

@@ -7,6 +7,7 @@ from codetr.data.collate import collate, normalize_images
 from codetr.data.copy_paste import CopyPaste
 from codetr.data.transforms import (
     CropAtMost,
+    DropSmallBoxes,
     PadToCanvas,
     RandomAbsoluteCrop,
     KeepRatioResize,
@@ -45,6 +46,21 @@ def test_crop_shifts_clips_and_recomputes_boxes_from_masks():
     assert plain["boxes"].tolist() == [[0.0, 0.0, 10.0, 15.0]]
     gone = crop_sample(s, 30, 40, 10, 20, recompute_from_masks=True)
     assert len(gone["boxes"]) == 0 and len(gone["labels"]) == 0 and gone["masks"].shape[0] == 0
+
+
+def test_negative_crops_are_kept_but_crops_with_only_empty_masks_are_discarded():
+    s = sample(boxes=((10.0, 5.0, 30.0, 25.0),))
+    drop = DropSmallBoxes(0.01, discard_if_all_dropped=True)
+    # the crop misses the box entirely: removed by the crop, the (negative) sample is kept
+    negative = drop(crop_sample(s, 30, 40, 10, 20, recompute_from_masks=True))
+    assert len(negative["boxes"]) == 0 and "discard" not in negative
+    # the box reaches into the crop but its mask does not: an empty tight box, dropped -> sample discarded
+    s["masks"][0, :, 20:30] = 0
+    hollow = crop_sample(s, 0, 20, 40, 40, recompute_from_masks=True)
+    assert hollow["boxes"].tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    assert drop(hollow)["discard"] is True
+    # a sample that arrives without boxes is never discarded
+    assert "discard" not in drop(negative)
 
 
 def test_crop_at_most_keeps_small_images_whole():

@@ -220,6 +220,7 @@ class CocoDetection(Dataset):
         return masks
 
     def _prepared(self, index: int) -> dict | None:
+        """The transformed sample, or None when the image cannot be read or the pipeline discards it."""
         try:
             sample = self.load(index)
         except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for broken / non-image files
@@ -229,24 +230,24 @@ class CocoDetection(Dataset):
                             error)
             self.stats["unreadable images skipped"] += 1
             return None
-        had_boxes = len(sample["boxes"]) > 0
         if self.transform is not None:
             sample = self.transform(sample)
-        if had_boxes and len(sample["boxes"]) == 0 and getattr(self.transform, "resample_if_empty", False):
-            self.stats["augmented samples without boxes redrawn"] += 1
+        if sample.pop("discard", False):
+            self.stats["augmented samples that lost all boxes redrawn"] += 1
             return None
         return sample
 
-    def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.max_retries + 1):
+    def _draw(self, index: int) -> dict:
+        """``index``'s sample, or a random other one when it is unusable (up to ``max_retries`` times)."""
+        for _ in range(self.max_retries + 1):
             sample = self._prepared(index)
             if sample is not None:
-                break
+                return sample
             index = random.randrange(len(self))
-        else:
-            raise RuntimeError(f"{self.annotation_file}: {self.max_retries + 1} images in a row could not be used")
+        raise RuntimeError(f"{self.annotation_file}: {self.max_retries + 1} images in a row could not be used")
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self._draw(index)
         if self.mix is not None:
-            other = self._prepared(random.randrange(len(self)))
-            if other is not None:
-                sample = self.mix(sample, other)
+            sample = self.mix(sample, self._draw(random.randrange(len(self))))
         return sample

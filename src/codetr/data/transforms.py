@@ -106,17 +106,24 @@ def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
 
 
 def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool) -> dict:
+    """Crop image / masks; boxes are shifted and clipped, boxes left without area (outside the crop) are removed.
+    With ``recompute_from_masks`` the kept boxes become the tight boxes of their cropped masks (possibly empty,
+    ``[0, 0, 0, 0]``, when the mask does not reach into the crop: :class:`DropSmallBoxes` removes those)."""
     out = dict(sample)
     out["image"] = TF.crop(sample["image"], top, left, height, width)
     boxes = sample["boxes"].as_subclass(torch.Tensor) - torch.tensor([left, top, left, top], dtype=torch.float32)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    out["labels"] = sample["labels"][inside]
+    boxes = boxes[inside]
     if "masks" in sample:
-        out["masks"] = TF.crop(sample["masks"], top, left, height, width)
+        masks = TF.crop(sample["masks"], top, left, height, width)
+        out["masks"] = tv_tensors.wrap(masks.as_subclass(torch.Tensor)[inside], like=masks)
         if recompute_from_masks:
             boxes = masks_to_boxes_safe(out["masks"].as_subclass(torch.Tensor))
     out["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
-    return drop_empty(out, 0.0)
+    return out
 
 
 def drop_empty(sample: dict, min_size: float) -> dict:
@@ -132,12 +139,19 @@ def drop_empty(sample: dict, min_size: float) -> dict:
 
 
 class DropSmallBoxes(v2.Transform):
-    def __init__(self, min_size: float):
+    """Drop boxes whose width or height is ``<= min_size``. With ``discard_if_all_dropped``, a sample that had
+    boxes here and loses all of them is marked ``discard = True`` (the dataset draws another image), as the
+    reference's ``FilterAnnotations``; a sample arriving without boxes (e.g. a crop without objects) is kept."""
+
+    def __init__(self, min_size: float, discard_if_all_dropped: bool = False):
         super().__init__()
-        self.min_size = min_size
+        self.min_size, self.discard = min_size, discard_if_all_dropped
 
     def forward(self, sample: dict) -> dict:  # type: ignore[override]
-        return drop_empty(sample, self.min_size)
+        out = drop_empty(sample, self.min_size)
+        if self.discard and len(sample["boxes"]) > 0 and len(out["boxes"]) == 0:
+            out["discard"] = True
+        return out
 
 
 class PadToCanvas(v2.Transform):
@@ -161,11 +175,10 @@ class PadToCanvas(v2.Transform):
 
 
 class Pipeline(v2.Compose):
-    """A v2 ``Compose`` that tells the dataset whether a sample that lost all its boxes must be redrawn."""
+    """A v2 ``Compose`` over sample dicts (a sample marked ``discard`` is redrawn by the dataset)."""
 
-    def __init__(self, transforms: Sequence, resample_if_empty: bool = False):
+    def __init__(self, transforms: Sequence):
         super().__init__(list(transforms))
-        self.resample_if_empty = resample_if_empty
 
 
 def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 114, min_box_size: float = 0.01,
@@ -176,12 +189,11 @@ def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 
         [
             LongSideJitter((canvas_size, canvas_size), scale_range=tuple(scale_range), antialias=True),
             CropAtMost(canvas_size),
-            DropSmallBoxes(min_box_size),
+            DropSmallBoxes(min_box_size, discard_if_all_dropped=True),
             v2.RandomHorizontalFlip(hflip_prob),
             RecordResize(),
             PadToCanvas(canvas_size, pad_value),
-        ],
-        resample_if_empty=True,
+        ]
     )
 
 
