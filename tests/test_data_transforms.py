@@ -144,9 +144,11 @@ def test_detr_train_sizes_come_from_the_scale_list_or_the_cap():
 
 
 def test_masks_to_boxes_is_exclusive_on_the_max_side():
-    m = torch.zeros(2, 10, 10, dtype=torch.uint8)
+    m = torch.zeros(3, 10, 10, dtype=torch.uint8)
     m[0, 2:5, 3:7] = 1
-    assert masks_to_boxes_safe(m).tolist() == [[3.0, 2.0, 7.0, 5.0], [0.0, 0.0, 0.0, 0.0]]
+    m[2, 9, 9] = m[2, 0, 4] = 1  # two pieces, touching the last row / column
+    assert masks_to_boxes_safe(m).tolist() == [[3.0, 2.0, 7.0, 5.0], [0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 10.0, 10.0]]
+    assert masks_to_boxes_safe(m[:0]).shape == (0, 4)
 
 
 def test_copy_paste_occludes_destination_and_adds_source_objects():

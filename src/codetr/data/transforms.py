@@ -94,15 +94,19 @@ class RandomAbsoluteCrop(v2.Transform):
 
 
 def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes of ``(N, H, W)`` masks (exclusive max), zeros for empty masks."""
-    boxes = torch.zeros(len(masks), 4)
-    if len(masks):
-        rows, cols = masks.any(2), masks.any(1)
-        for i in range(len(masks)):
-            ys, xs = torch.nonzero(rows[i]).view(-1), torch.nonzero(cols[i]).view(-1)
-            if len(ys) and len(xs):
-                boxes[i] = torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
-    return boxes
+    """Tight xyxy boxes of ``(N, H, W)`` masks with an exclusive max (``x2 = last column + 1``, the reference's
+    convention) and ``[0, 0, 0, 0]`` for empty masks. Written here because ``torchvision.ops.masks_to_boxes`` is
+    inclusive and undefined on empty masks."""
+    if len(masks) == 0:
+        return torch.zeros(0, 4)
+    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    height, width = rows.shape[1], cols.shape[1]
+    x1 = cols.byte().argmax(1)
+    x2 = width - cols.flip(1).byte().argmax(1)
+    y1 = rows.byte().argmax(1)
+    y2 = height - rows.flip(1).byte().argmax(1)
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return boxes * rows.any(1, keepdim=True)
 
 
 def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool) -> dict:
