@@ -103,3 +103,25 @@ def test_ddp_gathers_every_rank_and_counts_repeated_images_once(tmp_path):
     for rank in range(2):
         assert json.loads((tmp_path / f"metrics{rank}.json").read_text()) == expected
     assert len(json.loads((tmp_path / "results.json").read_text())) == 5
+
+
+def test_lvis_federated_rules_ignore_unverified_categories(tmp_path):
+    """A confident category-2 detection on image 2 (no category-2 object there) is a false positive only when
+    image 2 lists category 2 as verified-negative; otherwise LVIS ignores it. Category 2 is rare: APr shows it."""
+    perfect = {1: {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0], [50.0, 50.0, 70.0, 90.0]]),
+                   "scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([0, 1])},
+               2: {"boxes": torch.tensor([[5.0, 60.0, 65.0, 90.0], [30.0, 30.0, 60.0, 60.0]]),
+                   "scores": torch.tensor([0.8, 0.95]), "labels": torch.tensor([0, 1])}}
+    results = {}
+    for negatives in ([], [2]):
+        path = ground_truth(tmp_path, lvis=True)
+        data = json.loads(path.read_text())
+        data["images"][1]["neg_category_ids"] = negatives
+        data["images"][0]["neg_category_ids"] = []
+        path.write_text(json.dumps(data))
+        evaluator = CocoEvaluator(path, category_ids=[1, 2], lvis=True)
+        for image_id, det in perfect.items():
+            evaluator.update([image_id], [det])
+        results[len(negatives)] = evaluator.compute()
+    assert results[0]["APr"] == pytest.approx(1.0) and results[0]["APf"] == pytest.approx(1.0)
+    assert results[1]["APr"] < 0.9 and results[1]["APf"] == pytest.approx(1.0)
