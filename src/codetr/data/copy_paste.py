@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torchvision import tv_tensors
 
-from codetr.data.transforms import masks_to_boxes_safe
+from codetr.data.transforms import drop_empty, mask_areas, masks_to_boxes_safe
 
 
 def _masks_or_boxes(sample: dict) -> torch.Tensor:
@@ -39,12 +39,12 @@ class CopyPaste:
             return dst
         chosen = torch.randperm(len(src["boxes"]))[:count]
         src_masks = _masks_or_boxes(src)[chosen]
-        union = src_masks.any(0)
+        union = src_masks.view(torch.uint8).amax(0).bool()  # uint8 amax: much faster than bool any
         dst_masks = _masks_or_boxes(dst) & ~union
         dst_boxes = dst["boxes"].as_subclass(torch.Tensor)
         new_boxes = masks_to_boxes_safe(dst_masks)
         shift_ok = ((new_boxes - dst_boxes).abs() <= self.box_shift_threshold).all(1)
-        keep = shift_ok | (dst_masks.flatten(1).sum(1) > self.min_area)
+        keep = shift_ok | (mask_areas(dst_masks) > self.min_area)
         image = torch.where(union[None], src["image"].as_subclass(torch.Tensor), dst["image"].as_subclass(torch.Tensor))
         boxes = torch.cat([new_boxes[keep], masks_to_boxes_safe(src_masks)])
         out = dict(dst)
@@ -54,8 +54,6 @@ class CopyPaste:
         if "masks" in dst:
             out["masks"] = tv_tensors.Mask(torch.cat([dst_masks[keep], src_masks]).to(torch.uint8))
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(valid.all()):
-            from codetr.data.transforms import drop_empty
-
+        if not bool(valid.all()):  # a fully covered dst object kept by the shift rule has an empty box
             out = drop_empty(out, 0.0)
         return out

@@ -99,7 +99,8 @@ def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
     inclusive and undefined on empty masks."""
     if len(masks) == 0:
         return torch.zeros(0, 4)
-    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    flat = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
+    rows, cols = flat.amax(2) > 0, flat.amax(1) > 0  # (N, H), (N, W); uint8 amax is far faster than bool any
     height, width = rows.shape[1], cols.shape[1]
     x1 = cols.byte().argmax(1)
     x2 = width - cols.flip(1).byte().argmax(1)
@@ -107,6 +108,14 @@ def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
     y2 = height - rows.flip(1).byte().argmax(1)
     boxes = torch.stack([x1, y1, x2, y2], 1).float()
     return boxes * rows.any(1, keepdim=True)
+
+
+def mask_areas(masks: torch.Tensor) -> torch.Tensor:
+    """Pixel count of each ``(N, H, W)`` bool / 0-1 uint8 mask, ``(N,)`` int32 (row sums in int16: W < 32768)."""
+    flat = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
+    if masks.shape[-1] < 32768:
+        return flat.sum(2, dtype=torch.int16).sum(1, dtype=torch.int32)
+    return flat.sum((1, 2), dtype=torch.int32)
 
 
 def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool) -> dict:
