@@ -128,11 +128,12 @@ def crop_sample(sample: dict, top: int, left: int, height: int, width: int, reco
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    out["labels"] = sample["labels"][inside]
-    boxes = boxes[inside]
+    everything = bool(inside.all())  # skip copying the masks when no box leaves
+    out["labels"] = sample["labels"] if everything else sample["labels"][inside]
+    boxes = boxes if everything else boxes[inside]
     if "masks" in sample:
         masks = TF.crop(sample["masks"], top, left, height, width)
-        out["masks"] = tv_tensors.wrap(masks.as_subclass(torch.Tensor)[inside], like=masks)
+        out["masks"] = masks if everything else tv_tensors.wrap(masks.as_subclass(torch.Tensor)[inside], like=masks)
         if recompute_from_masks:
             boxes = masks_to_boxes_safe(out["masks"].as_subclass(torch.Tensor))
     out["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
@@ -143,6 +144,8 @@ def drop_empty(sample: dict, min_size: float) -> dict:
     """Remove boxes (and their labels / masks) whose width or height is not above ``min_size``."""
     boxes = sample["boxes"].as_subclass(torch.Tensor)
     keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    if bool(keep.all()):
+        return dict(sample)
     out = dict(sample)
     out["boxes"] = tv_tensors.wrap(boxes[keep], like=sample["boxes"])
     out["labels"] = sample["labels"][keep]
