@@ -46,10 +46,52 @@ class LongSideJitter(v2.ScaleJitter):
     the reference's nearest-pixel rounding."""
 
     def make_params(self, flat_inputs: list) -> dict:
-        height, width = v2.query_size(flat_inputs)
+        return {"size": self.draw_size(*v2.query_size(flat_inputs))}
+
+    def draw_size(self, height: int, width: int) -> tuple[int, int]:
         scale = self.scale_range[0] + float(torch.rand(())) * (self.scale_range[1] - self.scale_range[0])
         ratio = min(self.target_size[0] / height, self.target_size[1] / width) * scale
-        return {"size": _rounded_size(height, width, ratio)}
+        return _rounded_size(height, width, ratio)
+
+
+def _nearest_source_index(start: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
+    """Source rows / columns that ``F.interpolate(mode="nearest")`` reads for output indices
+    ``start .. start + count - 1`` when resizing ``in_size`` -> ``out_size`` (float32 scale, floor, clamp)."""
+    index = torch.arange(start, start + count)
+    if in_size == out_size:
+        return index
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    return (index.float() * scale).floor().long().clamp(max=in_size - 1)
+
+
+class JitterCrop(v2.Transform):
+    """:class:`LongSideJitter` followed by :class:`CropAtMost` in one step (same random draws, same output), with
+    the instance masks gathered directly at the cropped nearest-neighbour positions instead of being resized to
+    the full jittered size first (up to 2x the canvas per side and per instance) and then cropped."""
+
+    def __init__(self, size: int, scale_range=(0.1, 2.0), recompute_from_masks: bool = True):
+        super().__init__()
+        self.jitter = LongSideJitter((size, size), scale_range=tuple(scale_range), antialias=True)
+        self.size, self.recompute = size, recompute_from_masks
+
+    def forward(self, sample: dict) -> dict:  # type: ignore[override]
+        height, width = _size(sample)
+        new_h, new_w = self.jitter.draw_size(height, width)
+        rest = {k: v for k, v in sample.items() if k != "masks"}
+        resized = v2.Resize((new_h, new_w), antialias=True)(rest)
+        ch, cw = min(new_h, self.size), min(new_w, self.size)
+        top = int(torch.randint(0, new_h - ch + 1, ()).item())
+        left = int(torch.randint(0, new_w - cw + 1, ()).item())
+        masks = None
+        if "masks" in sample:
+            rows = _nearest_source_index(top, ch, height, new_h)
+            cols = _nearest_source_index(left, cw, width, new_w)
+            plain = sample["masks"].as_subclass(torch.Tensor)
+            # gathering whole rows is fast, gathering along the last dim is not: select columns as rows of the
+            # transposed masks, then rows
+            picked = plain.transpose(1, 2).contiguous().index_select(1, cols).transpose(1, 2).index_select(1, rows)
+            masks = tv_tensors.Mask(picked.contiguous())
+        return crop_sample(resized, top, left, ch, cw, self.recompute, cropped_masks=masks)
 
 
 class RecordResize(v2.Transform):
@@ -118,10 +160,12 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     return flat.sum((1, 2), dtype=torch.int32)
 
 
-def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool) -> dict:
+def crop_sample(sample: dict, top: int, left: int, height: int, width: int, recompute_from_masks: bool,
+                cropped_masks: torch.Tensor | None = None) -> dict:
     """Crop image / masks; boxes are shifted and clipped, boxes left without area (outside the crop) are removed.
     With ``recompute_from_masks`` the kept boxes become the tight boxes of their cropped masks (possibly empty,
-    ``[0, 0, 0, 0]``, when the mask does not reach into the crop: :class:`DropSmallBoxes` removes those)."""
+    ``[0, 0, 0, 0]``, when the mask does not reach into the crop: :class:`DropSmallBoxes` removes those).
+    ``cropped_masks``: the masks already cropped by the caller (``sample`` then carries none)."""
     out = dict(sample)
     out["image"] = TF.crop(sample["image"], top, left, height, width)
     boxes = sample["boxes"].as_subclass(torch.Tensor) - torch.tensor([left, top, left, top], dtype=torch.float32)
@@ -131,8 +175,8 @@ def crop_sample(sample: dict, top: int, left: int, height: int, width: int, reco
     everything = bool(inside.all())  # skip copying the masks when no box leaves
     out["labels"] = sample["labels"] if everything else sample["labels"][inside]
     boxes = boxes if everything else boxes[inside]
-    if "masks" in sample:
-        masks = TF.crop(sample["masks"], top, left, height, width)
+    if "masks" in sample or cropped_masks is not None:
+        masks = cropped_masks if cropped_masks is not None else TF.crop(sample["masks"], top, left, height, width)
         out["masks"] = masks if everything else tv_tensors.wrap(masks.as_subclass(torch.Tensor)[inside], like=masks)
         if recompute_from_masks:
             boxes = masks_to_boxes_safe(out["masks"].as_subclass(torch.Tensor))
@@ -203,8 +247,7 @@ def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 
     <= ``min_box_size``, flip, pad to S x S. Copy-Paste runs afterwards on two such samples."""
     return Pipeline(
         [
-            LongSideJitter((canvas_size, canvas_size), scale_range=tuple(scale_range), antialias=True),
-            CropAtMost(canvas_size),
+            JitterCrop(canvas_size, scale_range),  # = LongSideJitter then CropAtMost, lighter on masks
             DropSmallBoxes(min_box_size, discard_if_all_dropped=True),
             v2.RandomHorizontalFlip(hflip_prob),
             RecordResize(),
