@@ -7,12 +7,12 @@ from codetr.data.collate import collate, normalize_images
 from codetr.data.copy_paste import CopyPaste
 from codetr.data.transforms import (
     CropAtMost,
-    JitterCrop,
     DropSmallBoxes,
-    PadToCanvas,
-    RandomAbsoluteCrop,
+    JitterCrop,
     KeepRatioResize,
     LongSideJitter,
+    PadToCanvas,
+    RandomAbsoluteCrop,
     crop_sample,
     detr_test,
     detr_train,

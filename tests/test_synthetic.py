@@ -54,7 +54,7 @@ def test_synthetic_annotations_match_the_pixels(root):
 def test_different_seed_gives_different_data(tmp_path):
     a = make_synthetic_coco(tmp_path / "a", 3, 1, 64, 2, seed=0)
     b = make_synthetic_coco(tmp_path / "b", 3, 1, 64, 2, seed=1)
-    read = lambda r: json.loads((r / "annotations/train.json").read_text())["annotations"]  # noqa: E731
+    read = lambda r: json.loads((r / "annotations/train.json").read_text())["annotations"]
     assert read(a) != read(b)
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_coco(tmp_path / "c", 1, 1, 64, 99)

@@ -44,7 +44,8 @@ def read_coco_json(path: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a COCO annotation file: top level is {type(data).__name__}, not an object")
+        raise ValueError(  # noqa: TRY004 - one error type for every "not COCO" case
+            f"{path} is not a COCO annotation file: top level is {type(data).__name__}, not an object")
     for field in REQUIRED_FIELDS:
         if field not in data:
             raise ValueError(f"{path} is not a COCO annotation file: missing field '{field}'")
