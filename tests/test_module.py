@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from codetr.data import DetectionBatch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from codetr.data import DetectionBatch
 from codetr.lightning import CoDETRModule, to_original_frame, total_loss
 from codetr.lightning.callbacks import ExpMomentumEMA
 from codetr.lightning.optim import build_optimizer, build_schedulers, param_groups, vit_layer_id
