@@ -9,26 +9,18 @@ Accepted files (always read with ``torch.load(weights_only=True)``: no pickled c
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from codetr.checkpoint_io import load_weights_file
 
 PREFIX = "detector."
 
 
 def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, Tensor]:
     """Detector state dict (keys without the ``detector.`` prefix) from ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} is not a plain weights file (refusing to unpickle code): {error}") from error
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    checkpoint = load_weights_file(path)  # weights_only=True; refuses pickled code with a clear error
     state = checkpoint
     if prefer_ema and isinstance(checkpoint.get("ema_state_dict"), dict):
         state = checkpoint["ema_state_dict"]
