@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ def require_oracle() -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str):
     """``tiny_*.pth`` files hold python containers next to tensors: they are our own trusted test data."""
     path = require_oracle() / name
@@ -56,40 +56,40 @@ def query_head_kwargs(cfg: dict) -> tuple[dict, dict]:
     enc_attn = _first(enc_layer["attn_cfgs"], 0)
     dec_attns = transformer["decoder"]["transformerlayers"]["attn_cfgs"]
     cross = dec_attns[1] if isinstance(dec_attns, list) else dec_attns
-    transformer_kwargs = dict(
-        embed_dims=enc_attn["embed_dims"],
-        num_heads=enc_attn["num_heads"],
-        num_levels=enc_attn["num_levels"],
-        num_points=enc_attn["num_points"],
-        num_encoder_layers=transformer["encoder"]["num_layers"],
-        num_decoder_layers=transformer["decoder"]["num_layers"],
-        ffn_dims=enc_layer["feedforward_channels"],
-        num_queries=head["num_query"],
-        num_co_heads=transformer.get("num_co_heads", 2),
-    )
+    transformer_kwargs = {
+        "embed_dims": enc_attn["embed_dims"],
+        "num_heads": enc_attn["num_heads"],
+        "num_levels": enc_attn["num_levels"],
+        "num_points": enc_attn["num_points"],
+        "num_encoder_layers": transformer["encoder"]["num_layers"],
+        "num_decoder_layers": transformer["decoder"]["num_layers"],
+        "ffn_dims": enc_layer["feedforward_channels"],
+        "num_queries": head["num_query"],
+        "num_co_heads": transformer.get("num_co_heads", 2),
+    }
     assert cross["num_points"] == enc_attn["num_points"] and cross["num_levels"] == enc_attn["num_levels"]
     dn = head["dn_cfg"]
     costs = {c["type"]: c["weight"] for c in cfg["train_cfg"][0]["assigner"]["match_costs"]}
     test = cfg["test_cfg"][0]
     nms = test.get("nms")
-    head_kwargs = dict(
-        num_classes=head["num_classes"],
-        positional_temperature=head["positional_encoding"].get("temperature", 10000),
-        label_noise_scale=dn["label_noise_scale"],
-        box_noise_scale=dn["box_noise_scale"],
-        num_dn_queries=dn["group_cfg"]["num_dn_queries"],
-        loss_cls_weight=head["loss_cls"]["loss_weight"],
-        loss_bbox_weight=head["loss_bbox"]["loss_weight"],
-        loss_iou_weight=head["loss_iou"]["loss_weight"],
-        qfl_beta=head["loss_cls"].get("beta", 2.0),
-        match_class_weight=costs["FocalLossCost"],
-        match_l1_weight=costs["BBoxL1Cost"],
-        match_giou_weight=costs["IoUCost"],
-        max_pos_queries=head.get("max_pos_coords", 300),
-        max_per_image=test.get("max_per_img", transformer_kwargs["num_queries"]),
-        soft_nms_iou=nms["iou_threshold"] if nms else None,
-        sync_cls_avg_factor=False,  # the mmdet-3 port that produced the oracle keeps it local
-    )
+    head_kwargs = {
+        "num_classes": head["num_classes"],
+        "positional_temperature": head["positional_encoding"].get("temperature", 10000),
+        "label_noise_scale": dn["label_noise_scale"],
+        "box_noise_scale": dn["box_noise_scale"],
+        "num_dn_queries": dn["group_cfg"]["num_dn_queries"],
+        "loss_cls_weight": head["loss_cls"]["loss_weight"],
+        "loss_bbox_weight": head["loss_bbox"]["loss_weight"],
+        "loss_iou_weight": head["loss_iou"]["loss_weight"],
+        "qfl_beta": head["loss_cls"].get("beta", 2.0),
+        "match_class_weight": costs["FocalLossCost"],
+        "match_l1_weight": costs["BBoxL1Cost"],
+        "match_giou_weight": costs["IoUCost"],
+        "max_pos_queries": head.get("max_pos_coords", 300),
+        "max_per_image": test.get("max_per_img", transformer_kwargs["num_queries"]),
+        "soft_nms_iou": nms["iou_threshold"] if nms else None,
+        "sync_cls_avg_factor": False,  # the mmdet-3 port that produced the oracle keeps it local
+    }
     return transformer_kwargs, head_kwargs
 
 

@@ -21,9 +21,9 @@ def detector(aux=True):
     head = CoDINOHead(K, transformer, num_dn_queries=6)
     heads = {}
     if aux:
-        heads = dict(rpn_head=RPNHead(in_channels=64, feat_channels=64),
-                     roi_head=[RoIHead(num_classes=K, in_channels=64, fc_channels=64)],
-                     bbox_head=[ATSSHead(num_classes=K, in_channels=64, feat_channels=64)])
+        heads = {"rpn_head": RPNHead(in_channels=64, feat_channels=64),
+                     "roi_head": [RoIHead(num_classes=K, in_channels=64, fc_channels=64)],
+                     "bbox_head": [ATSSHead(num_classes=K, in_channels=64, feat_channels=64)]}
     return CoDETR(ResNet(base_channels=8), ChannelMapper([32, 64, 128, 256], 64, 5), head, **heads)
 
 

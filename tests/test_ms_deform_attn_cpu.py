@@ -8,7 +8,10 @@ from codetr.models.transformer.ms_deform_attn import (
     MultiScaleDeformableAttention,
     multi_scale_deformable_attention,
 )
-from codetr.models.transformer.ms_deform_attn_cpu import cpu_kernel_available, multi_scale_deformable_attention_cpu
+from codetr.models.transformer.ms_deform_attn_cpu import (
+    cpu_kernel_available,
+    multi_scale_deformable_attention_cpu,
+)
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C++ compiler: CPU kernel not built")
 SHAPES = [(7, 9), (4, 5), (2, 3)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracle_support import build_detector, image_sizes, load, require_oracle
 
 ATOL = 1e-4
@@ -40,8 +39,8 @@ def eval_run():
         for h in hooks:
             h.remove()
         detections = detector(images, sizes)
-    return dict(inter=inter, outputs=load("tiny_outputs.pth")["eval"], inputs=inputs, record=record, logits=logits,
-                boxes=boxes, out=out, detections=detections)
+    return {"inter": inter, "outputs": load("tiny_outputs.pth")["eval"], "inputs": inputs, "record": record, "logits": logits,
+                "boxes": boxes, "out": out, "detections": detections}
 
 
 def close(actual, expected, atol=ATOL):

@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-
 from oracle_support import build_detector, image_sizes, load, require_oracle, targets
 
 RTOL = 1e-4

@@ -1,5 +1,7 @@
 """Co-DINO query head behaviour on a small random model: shapes, loss keys, gradient paths, inference isolation."""
 
+from types import SimpleNamespace
+
 import torch
 
 from codetr.models.co_detr import image_padding_mask
@@ -52,12 +54,12 @@ def test_positive_query_losses_train_their_projection_and_the_shared_decoder():
     feats, mask, sizes, targets = inputs()
     _, state = head.loss(feats, mask, sizes, targets)
 
-    class Positives:
-        coords = [torch.tensor([[10.0, 12.0, 38.0, 30.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([[4.0, 6.0, 21.0, 24.0]])]
-        labels = [torch.tensor([1, 5]), torch.tensor([0])]
-        targets = [torch.tensor([[10.0, 10.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]), torch.tensor([[5.0, 5.0, 20.0, 25.0]])]
-
-    losses = head.loss_positive_queries(state, Positives(), 1, sizes)
+    positives = SimpleNamespace(
+        coords=[torch.tensor([[10.0, 12.0, 38.0, 30.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([[4.0, 6.0, 21.0, 24.0]])],
+        labels=[torch.tensor([1, 5]), torch.tensor([0])],
+        targets=[torch.tensor([[10.0, 10.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]), torch.tensor([[5.0, 5.0, 20.0, 25.0]])],
+    )
+    losses = head.loss_positive_queries(state, positives, 1, sizes)
     assert set(losses) == {f"{p}loss_{t}_aux" for p in ("", "d0.", "d1.") for t in ("cls", "bbox", "iou")}
     sum(losses.values()).backward()
     assert head.transformer.aux_pos_trans[1].weight.grad.abs().sum() > 0

@@ -7,7 +7,10 @@ import torch
 
 from codetr.bench.timing import Measurement, measure
 from codetr.models.transformer.ms_deform_attn import multi_scale_deformable_attention
-from codetr.models.transformer.ms_deform_attn_cpu import cpu_kernel_available, multi_scale_deformable_attention_cpu
+from codetr.models.transformer.ms_deform_attn_cpu import (
+    cpu_kernel_available,
+    multi_scale_deformable_attention_cpu,
+)
 
 
 def encoder_shapes(image_size: int, strides=(4, 8, 16, 32, 64)) -> list[tuple[int, int]]:
@@ -29,8 +32,8 @@ def run(image_size: int = 512, device: str = "cpu", repeats: int = 3, heads: int
     params = {"image_size": image_size, "tokens": tokens, "heads": heads, "points": points, "device": device.type}
     for name, fn in impls.items():
         with torch.no_grad():
-            rows.append(measure(f"msda {name} fwd", lambda: fn(value, shapes, locations, weights),
+            rows.append(measure(f"msda {name} fwd", lambda fn=fn: fn(value, shapes, locations, weights),
                                 {**params, "impl": name}, device, repeats))
-        rows.append(measure(f"msda {name} fwd+bwd", lambda: fn(value, shapes, locations, weights).sum().backward(),
+        rows.append(measure(f"msda {name} fwd+bwd", lambda fn=fn: fn(value, shapes, locations, weights).sum().backward(),
                             {**params, "impl": name}, device, repeats))
     return rows

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 AttentionImpl = Literal["auto", "pytorch", "cpu_kernel"]
 
 
