@@ -223,15 +223,16 @@ def _apply(rules, key: str) -> tuple[bool, str | None]:
     return False, None
 
 
-def swin_from_mmdet(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """mmdet Swin keys (no ``backbone.`` prefix) -> ours. Returns ``(state, unmapped keys, dropped keys)``."""
+def _convert_swin(state, downsample_stage_key: str, rules, merge) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Shared key walk: patch-merging keys move to the next stage (timm opens stage s+1 with it; ``merge`` fixes
+    the channel order), other keys go through ``rules``. Returns ``(state, unmapped keys, dropped keys)``."""
     out, unmapped, dropped = {}, [], []
     for key, value in state.items():
-        m = re.fullmatch(r"stages\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key)
+        m = re.fullmatch(rf"{downsample_stage_key}\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key)
         if m:
-            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = merge_unfold_to_original(value)
+            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = merge(value)
             continue
-        ok, new = _apply(_MMDET_RULES, key)
+        ok, new = _apply(rules, key)
         if key.endswith("relative_position_index") and not _standard_index(value):
             unmapped.append(f"{key} (not the standard relative position table)")
         elif not ok:
@@ -241,26 +242,16 @@ def swin_from_mmdet(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], lis
         else:
             out[new] = value
     return out, unmapped, dropped
+
+
+def swin_from_mmdet(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """mmdet Swin keys (no ``backbone.`` prefix) -> ours. Returns ``(state, unmapped keys, dropped keys)``."""
+    return _convert_swin(state, "stages", _MMDET_RULES, merge_unfold_to_original)
 
 
 def swin_from_original(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
     """Original Swin keys (``layers.{s}.downsample`` closing stage s) -> ours (timm: opening stage s+1)."""
-    out, unmapped, dropped = {}, [], []
-    for key, value in state.items():
-        m = re.fullmatch(r"layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key)
-        if m:
-            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
-            continue
-        ok, new = _apply(_ORIGINAL_RULES, key)
-        if key.endswith("relative_position_index") and not _standard_index(value):
-            unmapped.append(f"{key} (not the standard relative position table)")
-        elif not ok:
-            unmapped.append(key)
-        elif new is None:
-            dropped.append(key)
-        else:
-            out[new] = value
-    return out, unmapped, dropped
+    return _convert_swin(state, "layers", _ORIGINAL_RULES, lambda value: value)
 
 
 def swin_naming(state: Mapping[str, Tensor]) -> str:
