@@ -202,3 +202,17 @@ def test_ema_momentum_and_update():
     assert holder.detector.weight.item() == pytest.approx((1 - m) + 3 * m)
     ema.on_validation_end(None, holder)
     assert holder.detector.weight.item() == 3.0
+
+
+def test_fused_adamw_is_chosen_only_where_available():
+    from codetr.lightning.optim import build_optimizer, use_fused
+
+    model = torch.nn.Linear(3, 2)
+    assert use_fused(model, "auto") is None  # CPU parameters: torch's default implementation
+    assert use_fused(model, False) is False
+    optimizer = build_optimizer(model, {"lr": 1e-3, "weight_decay": 0.0, "fused": True})
+    assert optimizer.defaults["fused"] is True
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # the fused kernel also runs on CPU in this torch
+    with pytest.raises(ValueError, match="optimizer.fused"):
+        use_fused(model, "sometimes")

@@ -74,8 +74,20 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Ada
         no_decay_1d=bool(cfg.get("no_decay_1d", False)),
     )
     return torch.optim.AdamW(
-        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8))
+        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)),
+        fused=use_fused(model, cfg.get("fused", "auto")),
     )
+
+
+def use_fused(model: nn.Module, setting: Any) -> bool | None:
+    """``fused`` for AdamW: ``"auto"`` -> True when every trainable parameter is on CUDA (one kernel for all
+    parameters instead of a loop), None (torch's default implementation) otherwise; True / False force it."""
+    if setting in (True, False):
+        return bool(setting)
+    if setting not in ("auto", None):
+        raise ValueError(f"optimizer.fused must be auto, true or false, got {setting!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return True if params and all(p.is_cuda for p in params) else None
 
 
 def build_schedulers(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
