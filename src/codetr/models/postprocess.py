@@ -74,7 +74,9 @@ def postprocess(
             [picked[:, 0].clamp(0, w), picked[:, 1].clamp(0, h), picked[:, 2].clamp(0, w), picked[:, 3].clamp(0, h)], 1
         )
         if use_nms and len(picked):
-            keep, scores = soft_nms(picked, scores, labels, soft_nms_iou, soft_nms_min_score)
+            # the greedy loop reads a scalar per iteration: run it on a CPU copy (one transfer, no per-step syncs)
+            keep, scores = soft_nms(picked.cpu(), scores.cpu(), labels.cpu(), soft_nms_iou, soft_nms_min_score)
+            keep, scores = keep.to(picked.device), scores.to(picked.device)
             picked, labels = picked[keep], labels[keep]
             scores, picked, labels = scores[:max_per_image], picked[:max_per_image], labels[:max_per_image]
         results.append({"boxes": picked, "scores": scores, "labels": labels})
