@@ -38,6 +38,9 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
     if cfg.get("weights"):
         load_detector_weights(detector, cfg.weights)
     class_names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+    nonfinite = cfg.get("nonfinite")  # train.yaml only: evaluation and prediction never take an optimiser step
+    guard = {} if nonfinite is None else {"check_finite": nonfinite.check,
+                                          "max_consecutive_nonfinite": nonfinite.max_consecutive}
     return CoDETRModule(
         detector,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -45,6 +48,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
         pixel_mean=list(cfg.data.pixel_mean),
         pixel_std=list(cfg.data.pixel_std),
         class_names=class_names,
+        **guard,
     )
 
 

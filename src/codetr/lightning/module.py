@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from codetr.data import normalize_images
+from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
 from codetr.lightning.optim import build_optimizer, build_schedulers
+from codetr.models.losses.matcher import NonFiniteCostError
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -58,8 +60,10 @@ class CoDETRModule(pl.LightningModule):
         evaluator_factory: ``callable(stage) -> evaluator`` with ``update(image_ids, detections)`` and
             ``compute() -> dict[str, float]`` (e.g. :class:`codetr.evaluation.CocoEvaluator`); when None the
             datamodule's ``evaluator(stage)`` is used if it has one, else AP is not computed.
-        check_finite: stop with the per-term values when the total loss is not finite (one host-device sync
-            per step).
+        check_finite: skip optimiser steps whose loss terms or gradients are NaN / inf, with a warning naming the
+            terms (:mod:`codetr.lightning.nonfinite`; two host-device transfers per step). Off: no checks.
+        max_consecutive_nonfinite: that many skipped steps in a row stop training with ``FloatingPointError``
+            (0 = never); the weights stay those of the last good step.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class CoDETRModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         evaluator_factory: Callable[[str], Any] | None = None,
         check_finite: bool = True,
+        max_consecutive_nonfinite: int = 5,
     ):
         super().__init__()
         self.detector = detector
@@ -82,6 +87,7 @@ class CoDETRModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names is not None else None
         self.evaluator_factory = evaluator_factory
         self.check_finite = check_finite
+        self.nonfinite_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
         self._evaluators: dict[str, Any] = {}
         self.save_hyperparameters(
             {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
@@ -112,18 +118,37 @@ class CoDETRModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses = self.detector(self.normalize(batch), batch.image_sizes, batch.targets)
-        loss = total_loss(losses)
         size = len(batch.image_sizes)
-        if self.check_finite and not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: "
-                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        try:
+            losses = self.detector(self.normalize(batch), batch.image_sizes, batch.targets)
+        except NonFiniteCostError as error:
+            if not self.check_finite:
+                raise
+            # NaN predictions: a zero loss that still reaches every trainable parameter (DDP's reducer expects
+            # each of them), then the step is skipped in on_before_optimizer_step.
+            self.nonfinite_guard.note([f"matching failed ({error})"])
+            return sum((p.sum() * 0.0 for p in self.detector.parameters() if p.requires_grad), torch.zeros((), device=self.device))
+        loss = total_loss(losses)
+        if self.check_finite:
+            self.nonfinite_guard.note(nonfinite_terms(losses))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
         self.log_dict(
             {f"train/{k}": v.detach().float() for k, v in losses.items() if not isinstance(v, list | tuple)},
             on_step=True, on_epoch=False, batch_size=size,
         )
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skips (clears the gradients of) a step whose loss terms or gradients are not finite, on every rank."""
+        if not self.check_finite:
+            return
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        reasons = self.nonfinite_guard.decide(parameters, self.device)
+        if reasons:
+            self.nonfinite_guard.skip(parameters, reasons, self.global_step)
+            self.log("train/skipped_steps", float(self.nonfinite_guard.skipped_total), on_step=True, on_epoch=False)
+        else:
+            self.nonfinite_guard.good()
 
     # ------------------------------------------------------------------ evaluation
     def _make_evaluator(self, stage: str) -> Any:

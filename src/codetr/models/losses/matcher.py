@@ -14,6 +14,11 @@ from torchvision.ops import generalized_box_iou
 from codetr.models.box_ops import cxcywh_to_xyxy
 
 
+class NonFiniteCostError(ValueError):
+    """A matching cost is NaN / inf: the predictions (or ground truth) of one image are not finite. Training
+    turns it into a skipped step (:mod:`codetr.lightning.nonfinite`); elsewhere it is an error naming the image."""
+
+
 class HungarianMatcher:
     def __init__(
         self,
@@ -69,7 +74,7 @@ class HungarianMatcher:
             offset += c.numel()
             if not torch.isfinite(matrix).all():
                 bad = (~torch.isfinite(matrix)).sum().item()
-                raise ValueError(
+                raise NonFiniteCostError(
                     f"Hungarian matching: image {image} of the batch has {bad} non-finite costs "
                     "(NaN/inf predictions or degenerate ground-truth boxes); check the loss inputs"
                 )
