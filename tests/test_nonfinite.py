@@ -99,7 +99,7 @@ def test_a_good_step_resets_the_count(tmp_path):
 
 
 def test_consecutive_bad_steps_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
-    module, history, error = fit(tmp_path, {i: "nan_loss" for i in range(2, 20)}, steps=20, max_consecutive=3)
+    _, history, error = fit(tmp_path, {i: "nan_loss" for i in range(2, 20)}, steps=20, max_consecutive=3)
     assert error is not None and "3 consecutive" in str(error) and "loss_bbox=nan" in str(error)
     assert len(history) == 4  # steps 0-3 finished; step 4 (the third bad one) raised
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
