@@ -36,7 +36,7 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
 def test_unserialisable_checkpoint_never_touches_the_disk(tmp_path):
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"w": torch.ones(1)}, target)
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the pickler
         atomic_torch_save({"w": lambda: None}, target)
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
