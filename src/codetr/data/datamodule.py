@@ -16,6 +16,7 @@ from torchvision import tv_tensors
 from codetr.data.coco import CocoDetection, load_rgb, read_coco_json
 from codetr.data.collate import collate
 from codetr.data.copy_paste import CopyPaste
+from codetr.data.sampler import ResumableDataLoader, ResumableSampler, SeededSamples
 from codetr.data.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ class CocoDataModule(pl.LightningDataModule):
         *_images / *_annotations: folders and json files per split (test defaults to val).
         predict_images: image file or folder for ``predict``.
         aug: the ``aug/*.yaml`` mapping (``name`` lsj / detr + parameters; LSJ's ``copy_paste*`` keys).
-        seed: seeds the training loader's shuffling and its workers' base seed (a ``torch.Generator``); under DDP
-            Lightning's ``DistributedSampler`` takes over the shuffling.
+        seed: seeds the training order (per epoch, split across DDP ranks), each sample's augmentation and the
+            workers' base seed; see :mod:`codetr.data.sampler`.
         lvis: evaluate with the LVIS protocol (default: detected from the annotation file).
         max_detections: detections per image kept by the evaluator (default: COCO 100, LVIS 300).
     """
@@ -164,7 +165,17 @@ class CocoDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        """Shuffled per epoch (``seed + epoch``, split across DDP ranks), every sample augmented with its own seed,
+        and resumable mid-epoch: Lightning checkpoints the loader state (:mod:`codetr.data.sampler`)."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        dataset = SeededSamples(self.datasets["train"])
+        return ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=ResumableSampler(dataset, shuffle=True, seed=self.seed),
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers, collate_fn=partial(collate, size_divisor=self.size_divisor),
+            drop_last=False, generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.val_batch_size, shuffle=False)
