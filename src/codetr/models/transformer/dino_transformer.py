@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from codetr.models.box_ops import inverse_sigmoid
 from codetr.models.transformer.decoder import DinoDecoder
@@ -166,6 +167,12 @@ class DinoTransformer(nn.Module):
         """
         state = self.encode(feats, level_masks, level_pos)
         output_memory, proposals = self.encoder_proposals(state)
+        shortfall = self.num_queries - output_memory.shape[1]
+        if shortfall > 0:
+            # Fewer tokens than queries (tiny or extremely thin images): the extra slots look exactly like padded
+            # pixels (zero memory, +inf proposal), as if the batch had been padded to a larger canvas.
+            output_memory = F.pad(output_memory, (0, 0, 0, shortfall))
+            proposals = F.pad(proposals, (0, 0, 0, shortfall), value=float("inf"))
         enc_index = self.decoder.num_layers
         enc_logits = cls_branches[enc_index](output_memory)
         enc_coords = reg_branches[enc_index](output_memory) + proposals
