@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -52,6 +53,16 @@ def lookup(table: Mapping, *keys: Any) -> Any:
     return value
 
 
+def sweep_group(mode: Any, sweep_dir: str) -> str:
+    """W&B group of a job: the multirun directory's name for every job of one sweep (``-m``), "" for a single run."""
+    return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else ""
+
+
+def run_name(task_name: str, mode: Any, job_num: Any) -> str:
+    """W&B run name: ``<task>`` for a single run, ``<task>-<job number>`` inside a sweep."""
+    return f"{task_name}-{job_num}" if str(mode).endswith("MULTIRUN") else str(task_name)
+
+
 def _as_config(function):
     """Resolver results must be primitives or OmegaConf containers (``OmegaConf.resolve`` rejects lists)."""
 
@@ -64,7 +75,8 @@ def _as_config(function):
 
 def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
-    for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup)):
+    for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
+                           ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
 
