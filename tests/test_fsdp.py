@@ -29,5 +29,5 @@ def test_checkpoint_policy_and_bad_class_paths():
     assert strategy._activation_checkpointing_kwargs
     with pytest.raises(ValueError, match="codetr.models.nope.Layer"):
         fsdp_strategy(wrap_layers=["codetr.models.nope.Layer"])
-    with pytest.raises(ValueError, match="not an nn.Module"):
+    with pytest.raises(TypeError, match="not an nn.Module"):
         fsdp_strategy(wrap_layers=["codetr.lightning.strategies.fsdp_strategy"])

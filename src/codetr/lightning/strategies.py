@@ -25,7 +25,7 @@ def import_layer_class(path: str) -> type[nn.Module]:
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"FSDP layer class {path!r} cannot be imported: {error}") from error
     if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
-        raise ValueError(f"FSDP layer class {path!r} is not an nn.Module subclass")
+        raise TypeError(f"FSDP layer class {path!r} is not an nn.Module subclass")
     return layer
 
 
