@@ -44,3 +44,24 @@ def test_non_finite_costs_raise_a_clear_error():
     boxes[0, 1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         matcher(torch.zeros(1, 3, 2), boxes, [torch.rand(1, 4)], [torch.tensor([0])], torch.ones(1, 4))
+
+
+def test_one_host_round_trip_per_training_step_gives_the_per_layer_matches(monkeypatch):
+    from test_co_detr import batch, detector
+
+    model = detector().train()
+    images, sizes, targets = batch()
+    matcher = model.query_head.criterion.matcher
+    calls, original = [], matcher.match_many
+
+    def counting(predictions, *args):
+        calls.append(len(predictions))
+        results = original(predictions, *args)
+        for (logits, boxes), per_image in zip(predictions, results):  # equal to one call per prediction set
+            for got, expected in zip(per_image, original([(logits, boxes)], *args)[0]):
+                assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        return results
+
+    monkeypatch.setattr(matcher, "match_many", counting)
+    model(images, sizes, targets)
+    assert calls == [model.query_head.num_layers + 1]  # every decoder layer + the encoder proposals, one call

@@ -153,13 +153,13 @@ class CoDINOHead(nn.Module):
         gt_boxes = [xyxy_to_cxcywh(b / factors[i]) for i, b in enumerate(gt_boxes_abs)]
         num_dn = denoising.num_queries if denoising is not None else 0
         losses: dict[str, Tensor] = {}
-        for k, names in enumerate(_layer_keys("", "", self.num_layers)):
-            values = self.criterion.matching_loss(
-                logits[k][:, num_dn:], boxes[k][:, num_dn:], gt_boxes, gt_labels, factors
-            )
+        # every decoder layer and the encoder proposals: all Hungarian problems in one host round trip
+        predictions = [(logits[k][:, num_dn:], boxes[k][:, num_dn:]) for k in range(self.num_layers)]
+        predictions.append((out.enc_topk_logits, out.enc_topk_boxes))
+        per_set = self.criterion.matching_losses(predictions, gt_boxes, gt_labels, factors)
+        for names, values in zip(_layer_keys("", "", self.num_layers), per_set[:-1]):
             losses.update(zip(names, values))
-        enc = self.criterion.matching_loss(out.enc_topk_logits, out.enc_topk_boxes, gt_boxes, gt_labels, factors)
-        losses.update(zip(("enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"), enc))
+        losses.update(zip(("enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"), per_set[-1]))
         if denoising is not None:
             for k, names in enumerate(_layer_keys("dn_", "", self.num_layers)):
                 values = self.criterion.denoising_loss(

@@ -1,11 +1,15 @@
 """One-to-one Hungarian matching of predictions to ground truth (scipy's ``linear_sum_assignment``).
 
 Cost = ``w_cls * focal-style class cost + w_l1 * L1(normalised cxcywh) - w_giou * GIoU(absolute xyxy)``.
-All images' cost matrices go to the CPU in a single transfer.
+All cost matrices of a step (every image, every decoder layer, the encoder proposals) go to the CPU in a single
+transfer, and all indices come back in one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -56,28 +60,58 @@ class HungarianMatcher:
                 normalised cxcywh; gt_labels: per image ``(G_i,)``; factors: ``(B, 4)``.
 
         Returns:
-            per image ``(query_index, gt_index)`` int64 CPU tensors of equal length ``min(Q, G_i)``.
+            per image ``(query_index, gt_index)`` int64 tensors (on the predictions' device) of equal length
+            ``min(Q, G_i)``.
+        """
+        return self.match_many([(logits, boxes)], gt_boxes, gt_labels, factors)[0]
+
+    @torch.no_grad()
+    def match_many(
+        self, predictions: Sequence[tuple[Tensor, Tensor]], gt_boxes: list[Tensor], gt_labels: list[Tensor],
+        factors: Tensor,
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match several prediction sets against the same ground truth (every decoder layer and the encoder
+        proposals of one step) with ONE device->host transfer of all cost matrices and ONE host->device transfer
+        of all indices, instead of one of each per set.
+
+        Args:
+            predictions: ``[(logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh), ...]``; other args as ``__call__``.
+
+        Returns:
+            per prediction set, per image ``(query_index, gt_index)`` int64 tensors on the predictions' device.
         """
         costs = [
-            self.cost(logits[i], boxes[i], gt_boxes[i], gt_labels[i], factors[i]) if len(gt_labels[i]) else None
-            for i in range(logits.shape[0])
+            [self.cost(logits[i], boxes[i], gt_boxes[i], gt_labels[i], factors[i]) if len(gt_labels[i]) else None
+             for i in range(logits.shape[0])]
+            for logits, boxes in predictions
         ]
-        present = [c for c in costs if c is not None]
+        present = [c for per_set in costs for c in per_set if c is not None]
         cpu = torch.cat([c.flatten() for c in present]).float().cpu() if present else None
-        results, offset = [], 0
-        for image, c in enumerate(costs):
-            if c is None:
-                empty = torch.empty(0, dtype=torch.long)
-                results.append((empty, empty))
-                continue
-            matrix = cpu[offset : offset + c.numel()].view(c.shape)
-            offset += c.numel()
-            if not torch.isfinite(matrix).all():
-                bad = (~torch.isfinite(matrix)).sum().item()
-                raise NonFiniteCostError(
-                    f"Hungarian matching: image {image} of the batch has {bad} non-finite costs "
-                    "(NaN/inf predictions or degenerate ground-truth boxes); check the loss inputs"
-                )
-            rows, cols = linear_sum_assignment(matrix.numpy())
-            results.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        indices, offset = [], 0
+        for per_set in costs:
+            for image, c in enumerate(per_set):
+                if c is None:
+                    indices.append((np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)))
+                    continue
+                matrix = cpu[offset : offset + c.numel()].view(c.shape)
+                offset += c.numel()
+                if not torch.isfinite(matrix).all():
+                    bad = (~torch.isfinite(matrix)).sum().item()
+                    raise NonFiniteCostError(
+                        f"Hungarian matching: image {image} of the batch has {bad} non-finite costs "
+                        "(NaN/inf predictions or degenerate ground-truth boxes); check the loss inputs"
+                    )
+                indices.append(linear_sum_assignment(matrix.numpy()))
+        device = predictions[0][0].device if predictions else torch.device("cpu")
+        lengths = [len(rows) for rows, _ in indices]
+        packed = torch.as_tensor(np.concatenate([np.concatenate([rows, cols]) for rows, cols in indices]
+                                                if indices else [np.empty(0)]), dtype=torch.long).to(device)
+        results, flat, start = [], [], 0
+        for length in lengths:
+            rows_and_cols = packed[start : start + 2 * length]
+            flat.append((rows_and_cols[:length], rows_and_cols[length:]))
+            start += 2 * length
+        for set_index in range(len(predictions)):
+            width = len(costs[set_index])
+            results.append(flat[set_index * width : (set_index + 1) * width])
         return results

@@ -101,13 +101,27 @@ class SetCriterion:
 
         ``gt_boxes``: per image ``(G_i, 4)`` normalised cxcywh; ``gt_labels``: ``(G_i,)``.
         """
+        return self.matching_losses([(logits, boxes)], gt_boxes, gt_labels, factors)[0]
+
+    def matching_losses(
+        self, predictions: list[tuple[Tensor, Tensor]], gt_boxes: list[Tensor], gt_labels: list[Tensor],
+        factors: Tensor,
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`matching_loss` for several prediction sets ``[(logits (B, Q, K), boxes (B, Q, 4)), ...]`` with all
+        Hungarian problems solved after one device->host transfer (:meth:`HungarianMatcher.match_many`)."""
+        matches = self.matcher.match_many(
+            [(logits.detach().float(), boxes.detach().float()) for logits, boxes in predictions],
+            gt_boxes, gt_labels, factors,
+        )
+        return [self._loss_from_matches(logits, boxes, per_image, gt_boxes, gt_labels, factors)
+                for (logits, boxes), per_image in zip(predictions, matches)]
+
+    def _loss_from_matches(self, logits, boxes, matches, gt_boxes, gt_labels, factors):
         batch, queries, _ = logits.shape
-        matches = self.matcher(logits.detach().float(), boxes.detach().float(), gt_boxes, gt_labels, factors)
         labels = torch.full((batch, queries), self.num_classes, dtype=torch.long, device=logits.device)
         box_targets = boxes.new_zeros(batch, queries, 4)
         box_weights = boxes.new_zeros(batch, queries, 4)
         for image, (query_index, gt_index) in enumerate(matches):
-            query_index, gt_index = query_index.to(logits.device), gt_index.to(logits.device)
             labels[image, query_index] = gt_labels[image][gt_index]
             box_targets[image, query_index] = gt_boxes[image][gt_index]
             box_weights[image, query_index] = 1.0
