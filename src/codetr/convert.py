@@ -108,6 +108,14 @@ def is_class_dependent(key: str) -> bool:
     return any(re.fullmatch(p, key) for p in CLASS_DEPENDENT)
 
 
+def _class_agnostic_reg(key: str, state: Mapping[str, Tensor], num_classes: int | None) -> bool:
+    """True for the ``fc_reg`` of a class-agnostic RoI box head (4 outputs whatever K is; kept on a class change).
+
+    With K = 1 a class-specific regressor also has 4 outputs; it is then treated as class-dependent.
+    """
+    return key.endswith((".fc_reg.weight", ".fc_reg.bias")) and state[key].shape[0] == 4 and num_classes != 1
+
+
 def rename_key(key: str) -> str:
     """Our name of one mmdet / original key (identity for keys outside the rename rules)."""
     for pattern, repl in RENAME_RULES:
@@ -178,7 +186,10 @@ def convert_state_dict(
     if unmapped:
         raise ConversionError(f"{len(unmapped)} checkpoint keys match no conversion rule: {', '.join(unmapped)}")
     if num_classes is not None and num_classes != out.source_num_classes:
-        out.dropped_class_dependent = sorted(k for k in out.state_dict if is_class_dependent(k))
+        out.dropped_class_dependent = sorted(
+            k for k in out.state_dict
+            if is_class_dependent(k) and not _class_agnostic_reg(k, out.state_dict, out.source_num_classes)
+        )
         for key in out.dropped_class_dependent:
             del out.state_dict[key]
     if expected is not None:

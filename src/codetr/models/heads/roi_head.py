@@ -3,7 +3,8 @@
 Per image: max-IoU assignment (0.5) of the RPN proposals, GT boxes prepended as candidates, random sampling of
 512 RoIs (<= 25 % positives). RoI features: ``torchvision.ops.roi_align`` (aligned, adaptive sampling; identical
 to the reference's RoIAlign per the oracle's op check) on one of the first 5 pyramid levels chosen by RoI size.
-``Shared2FCBBoxHead``: 2 shared fcs, softmax classifier (K + 1, background last) and class-specific deltas.
+Box head (``roi_bbox_head.ConvFCBBoxHead``): ``Shared2FC`` (2 fcs, class-specific deltas; R50 / Swin-L) or the
+ViT-L head (4 convs + GN, 1 fc, class-agnostic deltas); softmax classifier (K + 1, background last).
 Losses: CE (x12) over sampled RoIs, GIoU (x120) of the decoded GT-class box, averaged over all sampled RoIs.
 """
 
@@ -19,47 +20,20 @@ from torchvision.ops import generalized_box_iou_loss, roi_align
 from codetr.models.assigners import MaxIoUAssigner
 from codetr.models.box_coder import DeltaXYWHBoxCoder
 from codetr.models.heads.positives import PositiveSet
+from codetr.models.heads.roi_bbox_head import ConvFCBBoxHead
 from codetr.models.heads.rpn_head import grouped_nms
 from codetr.models.samplers import RandomSampler, SamplingResult
 
 _EPS = torch.finfo(torch.float32).eps
 
 
-class Shared2FCBBoxHead(nn.Module):
-    """``(R, C, S, S)`` RoI features -> class logits ``(R, K + 1)`` and deltas ``(R, 4K)`` (rows 4c..4c+3 = class c).
-
-    Init: shared fcs Xavier-uniform, ``fc_cls`` N(0, 0.01), ``fc_reg`` N(0, 0.001), biases 0.
-    """
-
-    def __init__(
-        self, in_channels: int = 256, roi_size: int = 7, fc_channels: int = 1024, num_classes: int = 80
-    ):
-        super().__init__()
-        self.shared_fcs = nn.ModuleList(
-            [nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)]
-        )
-        self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
-        self.fc_reg = nn.Linear(fc_channels, 4 * num_classes)
-        for fc in self.shared_fcs:
-            nn.init.xavier_uniform_(fc.weight)
-            nn.init.zeros_(fc.bias)
-        nn.init.normal_(self.fc_cls.weight, std=0.01)
-        nn.init.normal_(self.fc_reg.weight, std=0.001)
-        nn.init.zeros_(self.fc_cls.bias)
-        nn.init.zeros_(self.fc_reg.bias)
-
-    def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
-        x = roi_feats.flatten(1)
-        for fc in self.shared_fcs:
-            x = F.relu(fc(x))
-        return self.fc_cls(x), self.fc_reg(x)
-
-
 class RoIHead(nn.Module):
     """Faster R-CNN second stage on the first ``len(strides)`` pyramid levels.
 
     Args:
-        num_classes: K. in_channels: pyramid width. fc_channels: Shared2FC width (1024; tiny oracle 128).
+        num_classes: K. in_channels: pyramid width. fc_channels: shared fc width (1024; tiny oracle 128).
+        num_shared_convs, conv_channels, norm_groups, num_shared_fcs, reg_class_agnostic: box head layout
+            (defaults = Shared2FC; ViT-L COCO: 4 convs, 1 fc, class-agnostic), see ``ConvFCBBoxHead``.
         strides: RoI extraction levels (4, 8, 16, 32, 64). roi_size: RoIAlign output (7). sampling_ratio: 0 =
             adaptive. finest_scale: level of a RoI = ``clamp(floor(log2(sqrt(wh) / finest_scale + 1e-6)))``.
         pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality: ``MaxIoUAssigner``.
@@ -92,10 +66,25 @@ class RoIHead(nn.Module):
         test_score_thr: float = 0.0,
         test_nms_iou: float = 0.5,
         test_max_per_img: int = 100,
+        num_shared_convs: int = 0,
+        conv_channels: int = 256,
+        norm_groups: int = 32,
+        num_shared_fcs: int = 2,
+        reg_class_agnostic: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.bbox_head = Shared2FCBBoxHead(in_channels, roi_size, fc_channels, num_classes)
+        self.bbox_head = ConvFCBBoxHead(
+            in_channels,
+            roi_size,
+            fc_channels,
+            num_classes,
+            num_shared_convs=num_shared_convs,
+            conv_channels=conv_channels,
+            norm_groups=norm_groups,
+            num_shared_fcs=num_shared_fcs,
+            reg_class_agnostic=reg_class_agnostic,
+        )
         self.strides, self.roi_size = list(strides), roi_size
         self.sampling_ratio, self.finest_scale = sampling_ratio, finest_scale
         self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality)
@@ -180,7 +169,7 @@ class RoIHead(nn.Module):
         acc = (logits.argmax(dim=1) == label_all).float().mean() * 100.0 if num_rois else logits.sum() * 0
         pos = label_all < self.num_classes
         if bool(pos.any()):
-            pos_deltas = deltas.view(num_rois, self.num_classes, 4)[pos, label_all[pos]]
+            pos_deltas = self.bbox_head.class_deltas(deltas[pos], label_all[pos])
             decoded = self.coder.decode(rois[pos, 1:], pos_deltas)
             giou = generalized_box_iou_loss(decoded, target_all[pos], reduction="sum")
             loss_bbox = self.loss_bbox_weight * giou / (num_rois + _EPS)
@@ -202,7 +191,7 @@ class RoIHead(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Two-stage debug detections: per image ``{boxes (N, 4) xyxy clipped, scores (N,), labels (N,)}``.
 
-        Softmax scores, class-specific decoding clipped to the image, per-class NMS, ``test_max_per_img`` best.
+        Softmax scores, per-class decoding (the one box repeated for class-agnostic heads) clipped to the image, per-class NMS, ``test_max_per_img`` best.
         """
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], 1) for i, p in enumerate(proposals)])
         logits, deltas = self.bbox_head(self.roi_features(feats, rois))
@@ -211,7 +200,7 @@ class RoIHead(nn.Module):
         for i, props in enumerate(proposals):
             n = len(props)
             scores = scores_all[start : start + n, :-1]
-            dl = deltas[start : start + n].reshape(n * self.num_classes, 4)
+            dl = self.bbox_head.all_class_deltas(deltas[start : start + n]).reshape(n * self.num_classes, 4)
             priors = props.float().repeat_interleave(self.num_classes, dim=0)
             boxes = self.coder.decode(priors, dl, max_shape=image_sizes[i].tolist())
             start += n
