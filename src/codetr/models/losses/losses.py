@@ -21,15 +21,19 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
         its quality with weight ``|quality - sigmoid|^beta``.
     """
     prob = logits.sigmoid()
-    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(beta)
-    positive = torch.nonzero((labels >= 0) & (labels < logits.shape[1])).squeeze(1)
-    if positive.numel():
-        pos_label = labels[positive]
-        pos_logits = logits[positive, pos_label]
-        target = quality[positive].to(logits.dtype)
-        pos_loss = F.binary_cross_entropy_with_logits(pos_logits, target, reduction="none")
-        loss = loss.index_put((positive, pos_label), pos_loss * (target - prob[positive, pos_label]).abs().pow(beta))
-    return loss.sum(dim=1)
+    negative_part = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(
+        beta
+    )
+    # Dense over (N, K) with a mask instead of gathering the positives: no data-dependent shapes, so no
+    # device -> host synchronisation (this runs for every decoder layer and every query group).
+    num_classes = logits.shape[1]
+    positive = (labels >= 0) & (labels < num_classes)
+    own_class = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).bool() & positive[:, None]
+    target = quality.to(logits.dtype)[:, None].expand_as(logits)
+    positive_part = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * (target - prob).abs().pow(
+        beta
+    )
+    return torch.where(own_class, positive_part, negative_part).sum(dim=1)
 
 
 def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor, normalizer: Tensor) -> Tensor:
@@ -38,10 +42,14 @@ def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor, normalizer: Tensor
 
 
 def weighted_giou(pred_xyxy: Tensor, target_xyxy: Tensor, weight: Tensor, normalizer: Tensor) -> Tensor:
-    """``sum((1 - GIoU) * weight) / normalizer`` evaluated on rows with ``weight > 0`` only (other rows may hold
-    degenerate boxes). ``weight``: ``(N,)``."""
-    keep = weight > 0
-    if not bool(keep.any()):
-        return pred_xyxy.sum() * 0.0
-    loss = generalized_box_iou_loss(pred_xyxy[keep], target_xyxy[keep], reduction="none")
-    return (loss * weight[keep]).sum() / normalizer
+    """``sum((1 - GIoU) * weight) / normalizer`` over rows with ``weight > 0``. ``weight``: ``(N,)``.
+
+    Rows with zero weight may hold degenerate or non-finite boxes: they are replaced by a unit box on both sides
+    (loss 0, gradient exactly 0) instead of being dropped, so no data-dependent shape and no host sync arise.
+    """
+    keep = (weight > 0)[:, None]
+    unit = pred_xyxy.new_tensor([0.0, 0.0, 1.0, 1.0])
+    loss = generalized_box_iou_loss(
+        torch.where(keep, pred_xyxy, unit), torch.where(keep, target_xyxy, unit), reduction="none"
+    )
+    return (loss * weight).sum() / normalizer

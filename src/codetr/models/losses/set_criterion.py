@@ -79,12 +79,9 @@ class SetCriterion:
         num_pos = positive.sum().to(logits.dtype)
         cls_norm = mean_over_ranks(num_pos) if self.sync_cls_avg_factor else num_pos
         cls_norm = cls_norm.clamp(min=1.0)
-        quality = torch.zeros_like(labels, dtype=logits.dtype)
-        pos_index = torch.nonzero(positive).squeeze(1)
-        if pos_index.numel():
-            quality[pos_index] = aligned_iou(
-                cxcywh_to_xyxy(boxes[pos_index].detach()), cxcywh_to_xyxy(box_targets[pos_index])
-            )
+        # IoU of every row, kept where positive (a mask, not a gather: no host sync per layer).
+        iou = aligned_iou(cxcywh_to_xyxy(boxes.detach()), cxcywh_to_xyxy(box_targets))
+        quality = torch.where(positive, iou, torch.zeros_like(iou))
         loss_cls = (quality_focal_loss(logits, labels, quality, self.qfl_beta) * label_weights).sum() / cls_norm
 
         box_norm = mean_over_ranks(num_pos).clamp(min=1.0)
