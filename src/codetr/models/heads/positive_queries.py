@@ -48,15 +48,21 @@ def build_positive_queries(
     negative candidates of the same image; those are trained as background. An image with fewer than M candidates
     in all is padded with empty background boxes (never happens with real anchors / RoIs; keeps odd inputs alive).
     """
-    positives = [torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1) for lab in labels]
-    count = max(min_queries, min(max_queries, max((len(p) for p in positives), default=0)))
     batch = len(coords)
     device = coords[0].device
+    # One device -> host transfer for every count this function needs (the number of queries M
+    # shapes the output); the index lists are then taken with known sizes, which costs no further sync.
+    pos_masks = [(lab >= 0) & (lab < num_classes) for lab in labels]
+    neg_masks = [lab == num_classes for lab in labels]
+    counts = torch.stack([torch.stack([p.sum(), n.sum()]) for p, n in zip(pos_masks, neg_masks)])
+    host = counts.flatten().tolist()
+    num_pos, num_neg = host[0::2], host[1::2]
+    count = max(min_queries, min(max_queries, max(num_pos, default=0)))
     out_boxes, out_labels, out_targets = [], [], []
     box_weights = torch.zeros(batch, count, 4, device=device)
     for image in range(batch):
-        pos = positives[image]
-        neg = torch.nonzero(labels[image] == num_classes).squeeze(1)
+        pos = torch.nonzero_static(pos_masks[image], size=num_pos[image]).squeeze(1)
+        neg = torch.nonzero_static(neg_masks[image], size=num_neg[image]).squeeze(1)
         if len(pos) > count:
             pos = pos[torch.randperm(len(pos))[:count].to(device)]
         keep = pos
@@ -64,8 +70,7 @@ def build_positive_queries(
         if len(pos) < count:
             pad = neg[torch.randperm(len(neg))[: count - len(pos)].to(device)]
             keep = torch.cat([pos, pad])
-        h, w = image_sizes[image].tolist()
-        factor = coords[image].new_tensor([w, h, w, h])
+        factor = image_sizes[image].flip(0).repeat(2).to(coords[image].dtype)  # (w, h, w, h), stays on the device
         missing = count - len(keep)  # only when an image has too few candidates at all: pad with empty boxes
         out_boxes.append(F.pad(xyxy_to_cxcywh(coords[image][keep] / factor), (0, 0, 0, missing)))
         out_labels.append(F.pad(labels[image][keep], (0, missing), value=num_classes))
