@@ -37,6 +37,13 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
     detector = instantiate_checked(cfg.model.detector)
     if cfg.get("weights"):
         load_detector_weights(detector, cfg.weights)
+    compile_cfg = cfg.model.get("compile")
+    if compile_cfg is not None and compile_cfg.enabled:
+        from codetr.models.compile import compile_regions
+
+        names = compile_regions(detector, list(compile_cfg.regions), mode=compile_cfg.mode,
+                                dynamic=compile_cfg.dynamic, backend=compile_cfg.backend)
+        log.info("torch.compile (%s, lazy): %s", compile_cfg.backend, ", ".join(names))
     class_names = getattr(datamodule, "class_names", None) if datamodule is not None else None
     nonfinite = cfg.get("nonfinite")  # train.yaml only: evaluation and prediction never take an optimiser step
     guard = {} if nonfinite is None else {"check_finite": nonfinite.check,
