@@ -1,5 +1,6 @@
-"""Data pipeline throughput: LSJ (with Copy-Paste) and DETR augmentation, images/s in one worker (the main
-process), on generated 640x480 JPEGs with polygon masks."""
+"""Data pipeline throughput: LSJ (with Copy-Paste) and DETR augmentation on generated 640x480 JPEGs with polygon
+masks: images/s of the dataset alone in the main process (one worker's throughput), and of the real training
+loader (sampler, per-sample seeding, collation into padded uint8 batches) with 0 and 2 worker processes."""
 
 from __future__ import annotations
 
@@ -58,4 +59,28 @@ def run(device: str = "cpu", repeats: int = 3, count: int = 24) -> list[Measurem
                               peak_rss_mib())
             row.extra = {"images_per_s": round(count / row.median_s, 1)}
             rows.append(row)
+            rows += [loader_row(name, images, ann, aug, count, workers, repeats) for workers in LOADER_WORKERS]
     return rows
+
+
+LOADER_WORKERS = (0, 2)
+
+
+def loader_row(name: str, images: Path, ann: Path, aug: dict, count: int, workers: int, repeats: int) -> Measurement:
+    """One epoch of the training loader per repeat (workers persistent; the first epoch, which starts them, is a
+    warm-up and not timed)."""
+    module = CocoDataModule(str(images), str(ann), aug=aug, batch_size=2, num_workers=workers, pin_memory=False,
+                            persistent_workers=workers > 0)
+    loader = module.train_dataloader()
+    for _ in loader:  # warm-up epoch
+        pass
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        times.append(time.perf_counter() - start)
+    row = Measurement(f"train loader {name}", {"images": count, "size": "640x480", "batch": 2,
+                                               "num_workers": workers}, times, peak_rss_mib())
+    row.extra = {"images_per_s": round(count / row.median_s, 1)}
+    return row
