@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "ms_deform_attn_cpu.cpp"
 _extension = None
 _failure: str | None = None
+_OPENMP_FLAGS = ("-fopenmp",) if torch.backends.openmp.is_available() else ()
 
 
 def load_extension():
@@ -31,7 +32,11 @@ def load_extension():
             _extension = load(
                 name="codetr_ms_deform_attn_cpu",
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3"],
+                # at::parallel_for splits the (batch x head) loop over threads only when the extension itself is
+                # compiled with OpenMP (ATen's parallel backend is an inline OpenMP template); without the flag the
+                # kernel silently runs on one thread (measured 2.3x slower at the R50 encoder shapes on 2 cores).
+                extra_cflags=["-O3", *_OPENMP_FLAGS],
+                extra_ldflags=list(_OPENMP_FLAGS),
                 verbose=os.environ.get("CODETR_VERBOSE_BUILD") == "1",
             )
         except Exception as error:  # noqa: BLE001 - any build failure (no compiler, headers, ninja): use the exact path
