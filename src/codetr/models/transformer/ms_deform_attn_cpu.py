@@ -20,6 +20,11 @@ _SOURCE = Path(__file__).with_name("csrc") / "ms_deform_attn_cpu.cpp"
 _extension = None
 _failure: str | None = None
 _OPENMP_FLAGS = ("-fopenmp",) if torch.backends.openmp.is_available() else ()
+# Vector ISA of the build, from what torch detected on this CPU. AVX2 + FMA makes the per-channel loops 8 floats
+# wide (measured: forward 1.48x, backward 1.35x at 64x64..8x8 levels on the 2-core AMD EPYC machine). The ISA is
+# part of the extension's name so that a cache shared by different machines never loads a build they cannot run.
+_CAPABILITY = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+_ISA_FLAGS = ("-mavx2", "-mfma") if _CAPABILITY in ("AVX2", "AVX512") else ()
 
 
 def load_extension():
@@ -30,12 +35,12 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             _extension = load(
-                name="codetr_ms_deform_attn_cpu",
+                name=f"codetr_ms_deform_attn_cpu_{'avx2' if _ISA_FLAGS else 'generic'}",
                 sources=[str(_SOURCE)],
                 # at::parallel_for splits the (batch x head) loop over threads only when the extension itself is
                 # compiled with OpenMP (ATen's parallel backend is an inline OpenMP template); without the flag the
                 # kernel silently runs on one thread (measured 2.3x slower at the R50 encoder shapes on 2 cores).
-                extra_cflags=["-O3", *_OPENMP_FLAGS],
+                extra_cflags=["-O3", *_OPENMP_FLAGS, *_ISA_FLAGS],
                 extra_ldflags=list(_OPENMP_FLAGS),
                 verbose=os.environ.get("CODETR_VERBOSE_BUILD") == "1",
             )
