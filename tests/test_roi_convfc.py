@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from torchvision.ops import generalized_box_iou_loss
 
 from codetr.convert import convert_state_dict, load_detector_weights
-from codetr.models.heads.roi_bbox_head import ConvFCBBoxHead, Shared2FCBBoxHead
+from codetr.models.heads.roi_bbox_head import ConvFCBBoxHead
 from codetr.models.heads.roi_head import RoIHead
 from codetr.models.heads.rpn_head import RPNHead
 
@@ -49,9 +49,10 @@ def test_vit_l_head_has_the_mmdet_layout_and_names():
     expected |= {"shared_fcs.0.weight": (1024, 12544), "shared_fcs.0.bias": (1024,), "fc_cls.weight": (81, 1024),
                  "fc_cls.bias": (81,), "fc_reg.weight": (4, 1024), "fc_reg.bias": (4,)}
     assert shapes == expected
-    # The Shared2FC factory is the R50 / Swin-L layout (no convs, 2 fcs, 4K deltas).
-    assert {k for k in Shared2FCBBoxHead().state_dict() if "conv" in k} == set()
-    assert Shared2FCBBoxHead().fc_reg.out_features == 320
+    # The defaults are the R50 / Swin-L Shared2FC layout (no convs, 2 fcs, 4K deltas).
+    default = ConvFCBBoxHead()
+    assert {k for k in default.state_dict() if "conv" in k} == set()
+    assert len(default.shared_fcs) == 2 and default.fc_reg.out_features == 320
 
 
 def test_forward_equals_functional_recomputation():

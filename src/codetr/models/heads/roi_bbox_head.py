@@ -3,7 +3,7 @@
 One class covers the two heads Co-DINO recipes use (mmdet's ``ConvFCBBoxHead`` family; written here because
 no maintained library ships it outside mmdet):
 
-* ``Shared2FCBBoxHead`` (R50 / Swin-L recipes, spec 6.2): no convs, 2 fcs, class-specific regression;
+* mmdet's ``Shared2FCBBoxHead`` (the defaults; R50 / Swin-L recipes, spec 6.2): no convs, 2 fcs, class-specific regression;
 * the ViT-L COCO head (spec 8, ViT-L row): 4 shared 3x3 convs, each conv -> GroupNorm(32) -> ReLU (the convs
   have no bias: the norm follows), 1 fc, class-agnostic regression.
 
@@ -104,9 +104,3 @@ class ConvFCBBoxHead(nn.Module):
             return deltas[:, None, :].expand(len(deltas), self.num_classes, 4)
         return deltas.view(len(deltas), self.num_classes, 4)
 
-
-def Shared2FCBBoxHead(  # mmdet's name for this configuration
-    in_channels: int = 256, roi_size: int = 7, fc_channels: int = 1024, num_classes: int = 80
-) -> ConvFCBBoxHead:
-    """The R50 / Swin-L box head: 2 shared fcs, class-specific regression."""
-    return ConvFCBBoxHead(in_channels, roi_size, fc_channels, num_classes, num_shared_convs=0, num_shared_fcs=2)

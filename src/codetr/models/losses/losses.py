@@ -20,20 +20,15 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
         ``(N,)``. Every class is pushed to 0 with weight ``sigmoid^beta``; a positive's own class is pushed to
         its quality with weight ``|quality - sigmoid|^beta``.
     """
-    prob = logits.sigmoid()
-    negative_part = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(
-        beta
-    )
-    # Dense over (N, K) with a mask instead of gathering the positives: no data-dependent shapes, so no
-    # device -> host synchronisation (this runs for every decoder layer and every query group).
+    # One dense pass over (N, K): the target is the quality at a positive's own class and 0 elsewhere, so
+    # ``|target - sigmoid|^beta`` is ``sigmoid^beta`` for every background entry. No gather of the positives, hence
+    # no data-dependent shape and no device -> host sync (this runs for every decoder layer and query group).
     num_classes = logits.shape[1]
     positive = (labels >= 0) & (labels < num_classes)
     own_class = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).bool() & positive[:, None]
-    target = quality.to(logits.dtype)[:, None].expand_as(logits)
-    positive_part = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * (target - prob).abs().pow(
-        beta
-    )
-    return torch.where(own_class, positive_part, negative_part).sum(dim=1)
+    target = torch.where(own_class, quality.to(logits.dtype)[:, None], torch.zeros_like(logits))
+    weight = (target - logits.sigmoid()).abs().pow(beta)
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum(dim=1)
 
 
 def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor, normalizer: Tensor) -> Tensor:
