@@ -26,8 +26,9 @@ def random_inputs(dtype, batch=2, queries=30, heads=3, dims=4, points=2):
     return value, locations, weights
 
 
-def test_kernel_matches_exact_path_in_float64_values_and_gradients():
-    value, locations, weights = random_inputs(torch.float64)
+@pytest.mark.parametrize("dims", [4, 32])  # 32: the channel loops compiled for the model's head width
+def test_kernel_matches_exact_path_in_float64_values_and_gradients(dims):
+    value, locations, weights = random_inputs(torch.float64, dims=dims)
     exact = multi_scale_deformable_attention(value, SHAPES, locations, weights)
     fast = multi_scale_deformable_attention_cpu(value, SHAPES, locations, weights)
     torch.testing.assert_close(fast, exact, atol=1e-12, rtol=1e-12)
