@@ -1,4 +1,4 @@
-"""``python -m codetr.bench [--suites attention,model,data,evaluation] [--device cpu] [--out bench/results]``.
+"""``python -m codetr.bench [--suites attention,model,data,evaluation,memory] [--device cpu] [--out bench/results]``.
 
 Prints one table per suite and writes every row to ``<out>/<suite>-<timestamp>.json`` (machine, threads,
 parameters, all repeat times, median, min, peak memory).
@@ -23,6 +23,7 @@ SUITES = {
     "model": "codetr.bench.model",
     "data": "codetr.bench.data",
     "evaluation": "codetr.bench.evaluation",
+    "memory": "codetr.bench.memory",
 }
 
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             params = ", ".join(f"{k}={v}" for k, v in row.params.items())
             peak = f"{row.peak_mem_mib:.0f}" if row.peak_mem_mib is not None else "-"
             notes = ", ".join(f"{k}={v}" for k, v in row.extra.items())
-            table.add_row(row.name, params, f"{row.median_s:.3f}", f"{row.min_s:.3f}", peak, notes)
+            median, fastest = (f"{t:.3f}" if t is not None else "-" for t in (row.median_s, row.min_s))
+            table.add_row(row.name, params, median, fastest, peak, notes)
         console.print(table)
         path = out_dir / f"{suite}-{stamp}.json"
         path.write_text(json.dumps({"machine": machine(), "rows": [r.as_dict() for r in rows]}, indent=1))

@@ -23,12 +23,12 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
     @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None  # None: a row that measures no time
 
     @property
-    def min_s(self) -> float:
-        return min(self.times_s)
+    def min_s(self) -> float | None:
+        return min(self.times_s) if self.times_s else None
 
     def as_dict(self) -> dict:
         return {**asdict(self), "median_s": self.median_s, "min_s": self.min_s}
