@@ -32,7 +32,11 @@ CASES = [
 
 
 def step_peak_bytes(backbone: str, size: int, overrides: tuple[str, ...]) -> dict:
-    """Peak live tensor bytes over one training forward + backward at ``size`` x ``size`` (this process)."""
+    """Peak live tensor bytes over one training forward + backward at ``size`` x ``size`` (this process).
+
+    Reads ``torch.profiler._memory_profiler.MemoryProfile``, the timeline behind the profiler's (deprecated)
+    ``export_memory_timeline``; ``tests/test_bench_memory.py`` notices if a torch release changes it.
+    """
     from torch.profiler import profile
     from torch.profiler._memory_profiler import Action, MemoryProfile
 
