@@ -3,6 +3,8 @@ forward+backward."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from codetr.bench.timing import Measurement, measure
@@ -28,6 +30,10 @@ def run(image_size: int = 512, device: str = "cpu", repeats: int = 3, heads: int
     impls = {"pytorch": multi_scale_deformable_attention}
     if device.type == "cpu" and cpu_kernel_available():
         impls["cpu_kernel"] = multi_scale_deformable_attention_cpu
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from codetr.models.transformer.ms_deform_attn_triton import multi_scale_deformable_attention_triton
+
+        impls["triton"] = multi_scale_deformable_attention_triton
     rows: list[Measurement] = []
     params = {"image_size": image_size, "tokens": tokens, "heads": heads, "points": points, "device": device.type}
     for name, fn in impls.items():

@@ -5,6 +5,7 @@ The sampling core has two implementations, chosen per module by ``impl``:
 * ``"pytorch"``: the exact pure-PyTorch formulation (one ``grid_sample`` per level); runs on every device,
   exports, and is the reference the fast kernels are tested against;
 * ``"cpu_kernel"``: a compiled C++ kernel (``ms_deform_attn_cpu``), same sum without the large intermediate;
+* ``"triton"``: Triton kernels for GPUs (``ms_deform_attn_triton``; opt-in, see that module);
 * ``"auto"`` (default): the CPU kernel for CPU tensors when it builds, else the exact path (also while tracing,
   exporting or compiling).
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AttentionImpl = Literal["auto", "pytorch", "cpu_kernel"]
+AttentionImpl = Literal["auto", "pytorch", "cpu_kernel", "triton"]
 
 
 def _use_cpu_kernel(impl: str, tensor: Tensor) -> bool:
@@ -119,8 +120,8 @@ class MultiScaleDeformableAttention(nn.Module):
         impl: AttentionImpl = "auto",
     ):
         super().__init__()
-        if impl not in ("auto", "pytorch", "cpu_kernel"):
-            raise ValueError(f"deformable attention impl must be auto, pytorch or cpu_kernel, got {impl!r}")
+        if impl not in ("auto", "pytorch", "cpu_kernel", "triton"):
+            raise ValueError(f"deformable attention impl must be auto, pytorch, cpu_kernel or triton, got {impl!r}")
         self.impl = impl
         if embed_dims % num_heads:
             raise ValueError(f"embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
@@ -190,7 +191,13 @@ class MultiScaleDeformableAttention(nn.Module):
                 locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
             else:
                 raise ValueError(f"reference_points must end in 2 or 4 values, got {tuple(reference_points.shape)}")
-            if _use_cpu_kernel(self.impl, value):
+            if self.impl == "triton":
+                from codetr.models.transformer.ms_deform_attn_triton import (
+                    multi_scale_deformable_attention_triton,
+                )
+
+                out = multi_scale_deformable_attention_triton(value, layout.shapes, locations, weights)
+            elif _use_cpu_kernel(self.impl, value):
                 from codetr.models.transformer.ms_deform_attn_cpu import multi_scale_deformable_attention_cpu
 
                 out = multi_scale_deformable_attention_cpu(value, layout.shapes, locations, weights)
