@@ -87,5 +87,4 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Measurement]:
 
 if __name__ == "__main__":
     backbone, size = sys.argv[1], int(sys.argv[2])
-    torch.set_num_threads(torch.get_num_threads())
     print(json.dumps(step_peak_bytes(backbone, size, tuple(sys.argv[3:]))))

@@ -25,9 +25,27 @@ BLOCK_QUERIES = 32
 
 
 @triton.jit
+def _level(shapes, starts, l):
+    """Height, width and first flat token of level ``l``."""
+    return tl.load(shapes + 2 * l).to(tl.int32), tl.load(shapes + 2 * l + 1).to(tl.int32), tl.load(starts + l).to(tl.int32)
+
+
+@triton.jit
+def _sample(loc, attn, b, q, q_ok, H, m, Q, L: tl.constexpr, P: tl.constexpr, l, p: tl.constexpr):
+    """Flat sample index ``s`` (into ``(B, Q, H, L, P)``) of point ``p`` at level ``l`` for queries ``q`` of
+    (batch ``b``, head ``m``), with its normalised location ``(lx, ly)`` and attention weight ``a`` in fp32."""
+    s = (((b * Q + q).to(tl.int64) * H + m) * L + l) * P + p
+    lx = tl.load(loc + 2 * s, mask=q_ok, other=0.0).to(tl.float32)
+    ly = tl.load(loc + 2 * s + 1, mask=q_ok, other=0.0).to(tl.float32)
+    a = tl.load(attn + s, mask=q_ok, other=0.0).to(tl.float32)
+    return s, lx, ly, a
+
+
+@triton.jit
 def _corner(lx, ly, h, w, start, corner: tl.constexpr):
-    """Flat token index, bilinear weight and inside-mask of one of the 4 corners (0: x0y0, 1: x1y0, 2: x0y1,
-    3: x1y1) of normalised locations ``(lx, ly)`` on an ``h`` x ``w`` level starting at token ``start``."""
+    """Flat token index, bilinear weight, inside-mask and the weight's derivatives by the fractional offsets
+    ``(fx, fy)`` of one of the 4 corners (0: x0y0, 1: x1y0, 2: x0y1, 3: x1y1) of normalised locations
+    ``(lx, ly)`` on an ``h`` x ``w`` level starting at token ``start``."""
     x = lx * w - 0.5
     y = ly * h - 0.5
     x0f = tl.floor(x)
@@ -38,8 +56,10 @@ def _corner(lx, ly, h, w, start, corner: tl.constexpr):
     cy = y0f.to(tl.int32) + (corner // 2)
     wx = fx if corner % 2 == 1 else 1.0 - fx
     wy = fy if corner // 2 == 1 else 1.0 - fy
+    sx = 1.0 if corner % 2 == 1 else -1.0
+    sy = 1.0 if corner // 2 == 1 else -1.0
     inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-    return start + cy * w + cx, wx * wy, inside, fx, fy
+    return start + cy * w + cx, wx * wy, inside, sx * wy, sy * wx
 
 
 @triton.jit
@@ -54,16 +74,11 @@ def _forward_kernel(value, shapes, starts, loc, attn, out, N, H, Q,
     d_ok = d < D
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for l in range(L):  # a runtime loop: unrolling levels x points x corners made 2 MB of PTX
-        h = tl.load(shapes + 2 * l).to(tl.int32)
-        w = tl.load(shapes + 2 * l + 1).to(tl.int32)
-        start = tl.load(starts + l).to(tl.int32)
+        h, w, start = _level(shapes, starts, l)
         for p in tl.static_range(P):
-            s = (((b * Q + q).to(tl.int64) * H + m) * L + l) * P + p
-            lx = tl.load(loc + 2 * s, mask=q_ok, other=0.0).to(tl.float32)
-            ly = tl.load(loc + 2 * s + 1, mask=q_ok, other=0.0).to(tl.float32)
-            a = tl.load(attn + s, mask=q_ok, other=0.0).to(tl.float32)
+            _, lx, ly, a = _sample(loc, attn, b, q, q_ok, H, m, Q, L, P, l, p)
             for corner in tl.static_range(4):
-                index, weight, inside, _fx, _fy = _corner(lx, ly, h, w, start, corner)
+                index, weight, inside, _, _ = _corner(lx, ly, h, w, start, corner)
                 rows = ((b * N + index).to(tl.int64) * H + m) * D
                 ok = (inside & q_ok)[:, None] & d_ok[None, :]
                 v = tl.load(value + rows[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -86,33 +101,24 @@ def _backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, gra
     g = tl.load(grad_out + out_rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     g = g.to(tl.float32)
     for l in range(L):  # a runtime loop: unrolling levels x points x corners made 2 MB of PTX
-        h = tl.load(shapes + 2 * l).to(tl.int32)
-        w = tl.load(shapes + 2 * l + 1).to(tl.int32)
-        start = tl.load(starts + l).to(tl.int32)
+        h, w, start = _level(shapes, starts, l)
         for p in tl.static_range(P):
-            s = (((b * Q + q).to(tl.int64) * H + m) * L + l) * P + p
-            lx = tl.load(loc + 2 * s, mask=q_ok, other=0.0).to(tl.float32)
-            ly = tl.load(loc + 2 * s + 1, mask=q_ok, other=0.0).to(tl.float32)
-            a = tl.load(attn + s, mask=q_ok, other=0.0).to(tl.float32)
+            s, lx, ly, a = _sample(loc, attn, b, q, q_ok, H, m, Q, L, P, l, p)
             d_attn = tl.zeros((BLOCK_Q,), dtype=tl.float32)
             d_fx = tl.zeros((BLOCK_Q,), dtype=tl.float32)
             d_fy = tl.zeros((BLOCK_Q,), dtype=tl.float32)
             for corner in tl.static_range(4):
-                index, weight, inside, fx, fy = _corner(lx, ly, h, w, start, corner)
+                index, weight, inside, dweight_dfx, dweight_dfy = _corner(lx, ly, h, w, start, corner)
                 rows = ((b * N + index).to(tl.int64) * H + m) * D
                 ok = (inside & q_ok)[:, None] & d_ok[None, :]
                 v = tl.load(value + rows[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
                 tl.atomic_add(grad_value + rows[:, None] + d[None, :], (a * weight)[:, None] * g, mask=ok)
                 dot = tl.sum(g * v, axis=1)  # <grad_out, value at this corner>
                 d_attn += weight * dot
-                # d(weight)/d(fx), d(weight)/d(fy) of this corner's bilinear weight
-                sx = 1.0 if corner % 2 == 1 else -1.0
-                sy = 1.0 if corner // 2 == 1 else -1.0
-                wy = fy if corner // 2 == 1 else 1.0 - fy
-                wx = fx if corner % 2 == 1 else 1.0 - fx
-                d_fx += sx * wy * dot
-                d_fy += sy * wx * dot
+                d_fx += dweight_dfx * dot
+                d_fy += dweight_dfy * dot
             tl.store(grad_attn + s, d_attn, mask=q_ok)
+            # x = lx * w - 0.5, so d/d(lx) = w * d/d(fx); likewise for y
             tl.store(grad_loc + 2 * s, a * d_fx * w, mask=q_ok)
             tl.store(grad_loc + 2 * s + 1, a * d_fy * h, mask=q_ok)
 
