@@ -70,7 +70,7 @@ def test_state_dict_names_and_shapes_follow_the_reference():
     assert atss_keys["atss_cls.weight"] == (80, 256, 3, 3)
     assert atss_keys["atss_reg.weight"] == (4, 256, 3, 3)
     assert atss_keys["atss_centerness.weight"] == (1, 256, 3, 3)
-    assert all(atss_keys[f"scales.{i}.scale"] == () for i in range(6))
+    assert all(atss_keys[f"scales.{i}.scale"] == (1,) for i in range(6))  # reference: 0-d (converted on load)
     assert len(atss_keys) == 12 + 6 and "cls_convs.0.conv.bias" not in atss_keys
     assert float(atss.atss_cls.bias[0].detach()) == pytest.approx(
         -4.59512, abs=1e-4

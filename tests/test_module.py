@@ -127,6 +127,12 @@ def test_vit_layer_decay_ids_and_scales():
     groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.8, layer_decay_num_layers=2, no_decay_1d=True)
     scales = {(round(g["lr_scale"], 6), g["weight_decay"]) for g in groups}
     assert scales == {(1.0, 0.05), (1.0, 0.0), (0.8, 0.05), (0.8, 0.0), (0.64, 0.05), (0.64, 0.0)}
+    # the ATSS scales are decayed as in the reference (0-d there; (1,) here only for FSDP2)
+    from codetr.models.heads.atss_head import Scale
+
+    model.head = torch.nn.ModuleList([Scale(1.0)])
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, no_decay_1d=True)
+    assert [g["weight_decay"] for g in groups if any(p is model.head[0].scale for p in g["params"])] == [0.05]
 
 
 def test_predict_runs_the_main_head_only_in_the_original_frame(module):

@@ -16,7 +16,7 @@ from torch import nn
 from codetr.data import DetectionBatch
 from codetr.lightning import CoDETRModule
 from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
-from codetr.models.losses.matcher import NonFiniteCostError
+from codetr.models.losses.matcher import HungarianMatcher, NonFiniteCostError
 
 OPTIMIZER = {"lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "backbone_lr_mult": 1.0}
 SCHEDULER = {"milestones": [100], "gamma": 0.1}
@@ -24,7 +24,7 @@ SCHEDULER = {"milestones": [100], "gamma": 0.1}
 
 class ScriptedDetector(nn.Module):
     """A two-parameter "detector" whose training losses turn bad at chosen calls: ``nan_loss`` (a NaN loss term),
-    ``nan_grad`` (finite loss, NaN gradient) or ``nan_match`` (the matcher's error on NaN predictions)."""
+    ``nan_grad`` (finite loss, NaN gradient) or ``nan_match`` (NaN predictions through the real Hungarian matcher)."""
 
     def __init__(self, script: dict[int, str]):
         super().__init__()
@@ -40,7 +40,11 @@ class ScriptedDetector(nn.Module):
         elif kind == "nan_grad":
             losses["loss_cls"] = losses["loss_cls"] + torch.sqrt((w - w.detach()).abs()).sum()  # value 0, grad NaN
         elif kind == "nan_match":
-            raise NonFiniteCostError("Hungarian matching: image 0 of the batch has 5 non-finite costs")
+            logits = torch.full((3, 2), float("nan")) * w.sum()  # (Q, K) NaN class logits that depend on w
+            boxes = torch.full((3, 4), 0.5)
+            rows, _ = HungarianMatcher()(logits[None], boxes[None], [torch.tensor([[0.5, 0.5, 0.2, 0.2]])],
+                                        [torch.tensor([1])], torch.tensor([[8.0, 8.0, 8.0, 8.0]]))[0]
+            losses["loss_cls"] = losses["loss_cls"] + logits[rows].sum()
         return losses
 
 
@@ -87,9 +91,15 @@ def test_bad_step_is_skipped_and_named(tmp_path, caplog, kind):
     assert torch.equal(history[1], history[0]), "the bad step changed the weights"
     assert not torch.equal(history[2], history[1]), "training did not go on after the bad step"
     assert all(torch.isfinite(h).all() for h in history)
-    expected = {"nan_loss": "loss_bbox=nan", "nan_grad": "non-finite gradients", "nan_match": "matching failed"}
+    expected = {"nan_loss": "loss_bbox=nan", "nan_grad": "non-finite gradients", "nan_match": "loss_cls=nan"}
     assert "step 1 skipped" in caplog.text and expected[kind] in caplog.text
     assert module.nonfinite_guard.skipped_total == 1 and module.nonfinite_guard.consecutive == 0
+
+
+def test_nan_predictions_raise_in_the_matcher_outside_training():
+    with pytest.raises(NonFiniteCostError, match="image 0 of the batch has 2 non-finite costs"):
+        HungarianMatcher()(torch.full((1, 2, 2), float("nan")), torch.full((1, 2, 4), 0.5),
+                           [torch.tensor([[0.5, 0.5, 0.2, 0.2]])], [torch.tensor([1])], torch.full((1, 4), 8.0))
 
 
 def test_a_good_step_resets_the_count(tmp_path):

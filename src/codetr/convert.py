@@ -45,6 +45,8 @@ from codetr.models.backbones.swin import swin_naming, swin_to_codetr
 
 log = logging.getLogger(__name__)
 PREFIX = "detector."
+# ATSS ``Scale`` multipliers: 0-d in the reference, (1,) in codetr (FSDP2 cannot shard 0-d parameters).
+_SCALAR_TO_1D = r"bbox_head\.\d+\.scales\.\d+\.scale"
 TOP_LEVEL = ("backbone.", "neck.", "query_head.", "rpn_head.", "roi_head.", "bbox_head.")
 
 _ATTN = r"(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)"
@@ -116,6 +118,16 @@ def _class_agnostic_reg(key: str, state: Mapping[str, Tensor], num_classes: int 
     return key.endswith((".fc_reg.weight", ".fc_reg.bias")) and state[key].shape[0] == 4 and num_classes != 1
 
 
+def codetr_shape(key: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape in codetr's layout of tensor ``key`` (codetr naming): the reference's 0-d ATSS scales are (1,)."""
+    return (1,) if len(shape) == 0 and re.fullmatch(_SCALAR_TO_1D, key) else tuple(shape)
+
+
+def to_codetr_layout(key: str, value: Tensor) -> Tensor:
+    """``value`` reshaped to :func:`codetr_shape` (a view; values unchanged)."""
+    return value.reshape(codetr_shape(key, value.shape))
+
+
 def rename_key(key: str) -> str:
     """Our name of one mmdet / original key (identity for keys outside the rename rules)."""
     for pattern, repl in RENAME_RULES:
@@ -171,7 +183,7 @@ def convert_state_dict(
                 continue
             if new != key:
                 out.renamed[key] = new
-            out.state_dict[new] = value
+            out.state_dict[new] = to_codetr_layout(new, value)
     naming = swin_naming(backbone) if any("blocks." in k for k in backbone) else "identity"
     out.backbone_naming = naming if naming in ("mmdet", "original") else "identity"
 
@@ -193,6 +205,7 @@ def convert_state_dict(
         for key in out.dropped_class_dependent:
             del out.state_dict[key]
     if expected is not None:
+        expected = {k: codetr_shape(k, s) for k, s in expected.items()}
         check_against(out.state_dict, expected, allowed_missing=set(out.dropped_class_dependent))
     return out
 
@@ -235,7 +248,7 @@ def read_expected_table(path: str | Path) -> dict[str, tuple[int, ...]]:
             if line.strip() and not line.startswith("#"):
                 key, shape = line.split("\t")[:2]
                 table[key] = tuple(json.loads(shape))
-    return {rename_key(k): s for k, s in table.items()}
+    return {rename_key(k): codetr_shape(rename_key(k), s) for k, s in table.items()}
 
 
 def convert_file(
@@ -272,6 +285,7 @@ def load_detector_weights(model: nn.Module, state_dict: Mapping[str, Tensor], st
     any such difference an error. Every other missing / unexpected key or shape mismatch raises.
     """
     state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+    state = {k: to_codetr_layout(k, v) for k, v in state.items()}
     own = model.state_dict()
     reinit = sorted(
         k for k in own if is_class_dependent(k) and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))

@@ -9,8 +9,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from codetr.visualize import draw_detections
+
+
+def _full(value: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else ``value``."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` (a whole tensor, e.g. from a checkpoint) laid out like ``reference``: sharded the same way when
+    that is an FSDP2 DTensor, on its device otherwise."""
+    if isinstance(reference, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(reference.device), reference.device_mesh, reference.placements)
+    return value.to(reference.device)
 
 
 class ExpMomentumEMA(pl.Callback):
@@ -19,7 +33,8 @@ class ExpMomentumEMA(pl.Callback):
     after every optimiser step ``t`` (floating-point parameters and buffers; integer buffers are copied).
     Validation and test run with the averaged weights (swapped in, then back); checkpoints keep the raw weights
     under ``state_dict`` and the averaged ones under ``ema_state_dict`` (keys ``detector.*``), which
-    :func:`codetr.utils.checkpoints.load_detector_state` prefers when present."""
+    :func:`codetr.utils.checkpoints.load_detector_state` prefers when present. Under FSDP2 each rank averages its
+    own shard; checkpoints hold the whole tensors (gathered on save, re-sharded on resume)."""
 
     def __init__(self, momentum: float = 1e-4, warmup: int = 2000):
         self.momentum, self.warmup = float(momentum), int(warmup)
@@ -34,11 +49,20 @@ class ExpMomentumEMA(pl.Callback):
     def momentum_at(self, step: int) -> float:
         return (1 - self.momentum) * math.exp(-(step + 1) / self.warmup) + self.momentum
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _align(self, pl_module: pl.LightningModule) -> None:
+        """Starts the average from the current weights, or puts restored averages on the weights' device / FSDP2
+        sharding (FSDP2 restores callback states after ``on_fit_start``, hence also called on train start)."""
+        current = self._state(pl_module)
         if self.ema is None:
-            self.ema = {k: v.detach().clone() for k, v in self._state(pl_module).items()}
-        else:
-            self.ema = {k: v.to(pl_module.device) for k, v in self.ema.items()}
+            self.ema = {k: v.detach().clone() for k, v in current.items()}
+        elif any(type(v) is not type(current[k]) or v.device != current[k].device for k, v in self.ema.items()):
+            self.ema = {k: _like(v, current[k]) for k, v in self.ema.items()}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._align(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._align(pl_module)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -54,6 +78,7 @@ class ExpMomentumEMA(pl.Callback):
     def _swap_in(self, pl_module: pl.LightningModule) -> None:
         if self.ema is None or self._backup is not None:
             return
+        self._align(pl_module)
         self._backup = {k: v.detach().clone() for k, v in self._state(pl_module).items()}
         pl_module.detector.load_state_dict({k.removeprefix("detector."): v for k, v in self.ema.items()})
 
@@ -77,10 +102,11 @@ class ExpMomentumEMA(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self.ema is not None:
-            checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+            checkpoint["ema_state_dict"] = {k: _full(v.detach()).cpu().clone() for k, v in self.ema.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "ema": self.ema}
+        ema = None if self.ema is None else {k: _full(v.detach()).cpu() for k, v in self.ema.items()}
+        return {"steps": self.steps, "ema": ema}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict["steps"])

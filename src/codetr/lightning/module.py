@@ -9,6 +9,7 @@ Checkpoint keys are ``detector.<mmdet-like names>`` (``detector.backbone.*``, ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from codetr.data import normalize_images
 from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
 from codetr.lightning.optim import build_optimizer, build_schedulers
-from codetr.models.losses.matcher import NonFiniteCostError
+from codetr.lightning.strategies import FullyShardedStrategy
+from codetr.models.losses.matcher import tolerate_nonfinite_costs
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -119,15 +121,11 @@ class CoDETRModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         size = len(batch.image_sizes)
-        try:
+        # With the guard on, NaN predictions do not stop matching: the forward and backward complete on every rank
+        # (DDP / FSDP collectives stay in step), the loss terms come out NaN and the step is skipped on all ranks.
+        tolerate = tolerate_nonfinite_costs() if self.check_finite else contextlib.nullcontext()
+        with tolerate:
             losses = self.detector(self.normalize(batch), batch.image_sizes, batch.targets)
-        except NonFiniteCostError as error:
-            if not self.check_finite:
-                raise
-            # NaN predictions: a zero loss that still reaches every trainable parameter (DDP's reducer expects
-            # each of them), then the step is skipped in on_before_optimizer_step.
-            self.nonfinite_guard.note([f"matching failed ({error})"])
-            return sum((p.sum() * 0.0 for p in self.detector.parameters() if p.requires_grad), torch.zeros((), device=self.device))
         loss = total_loss(losses)
         if self.check_finite:
             self.nonfinite_guard.note(nonfinite_terms(losses))
@@ -208,6 +206,12 @@ class CoDETRModule(pl.LightningModule):
         ]
 
     # ------------------------------------------------------------------ optimisation
+    def configure_model(self) -> None:
+        """Shards the detector with FSDP2 under ``trainer=fsdp`` (:class:`FullyShardedStrategy`); otherwise nothing."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FullyShardedStrategy):
+            strategy.shard(self.detector, self.device_mesh["data_parallel"])
+
     def configure_optimizers(self) -> dict[str, Any] | tuple[list, list]:
         optimizer = build_optimizer(self.detector, self.optimizer_cfg)
         schedulers = build_schedulers(optimizer, self.scheduler_cfg)

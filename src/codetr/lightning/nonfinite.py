@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ def nonfinite_terms(losses: Mapping[str, Tensor | list[Tensor]]) -> list[str]:
 
 
 def gradients_finite(parameters: Iterable[nn.Parameter]) -> bool:
-    """True when every existing gradient is finite (one host-device transfer)."""
-    flags = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    """True when every existing gradient is finite (one host-device transfer). Sharded (FSDP2 DTensor) gradients
+    are checked shard by shard on each rank; :meth:`NonFiniteStepGuard.decide` then agrees across ranks."""
+    local = (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None)
+    flags = [torch.isfinite(grad).all() for grad in local if grad.numel()]
     return bool(torch.stack(flags).all()) if flags else True
 
 

@@ -52,7 +52,9 @@ def param_groups(
         else:
             scale = backbone_lr_mult if "backbone" in name else 1.0
         decay = weight_decay
-        if no_decay_1d and (param.ndim == 1 or name.endswith(".bias") or "pos_embed" in name):
+        # the ATSS scales are 0-d in the reference (decayed there) and (1,) here only so that FSDP2 can shard them
+        one_dim = param.ndim == 1 and not name.endswith(".scale")
+        if no_decay_1d and (one_dim or name.endswith(".bias") or "pos_embed" in name):
             decay = 0.0
         key = (scale, decay)
         if key not in groups:

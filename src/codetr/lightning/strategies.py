@@ -1,10 +1,16 @@
-"""``fsdp_strategy``: Lightning's ``FSDPStrategy`` configured from yaml with layer classes named by import path.
+"""Sharded data parallelism from yaml, with layer classes named by import path.
 
-FSDP shards each wrapped unit separately, so the wrap policy decides the peak of parameter all-gathers: one unit per
-encoder layer, decoder layer and backbone block (``wrap_layers``). ``checkpoint_layers`` applies FSDP's activation
-checkpointing to those classes; do not combine it with ``model.encoder_checkpoint_layers`` or the ViT blocks'
-``use_checkpoint`` on the same layers (that would recompute twice) -- set those to 0 / false under FSDP.
-Checkpoints are saved as one full state dict (``state_dict_type="full"``) so they load on a single device.
+* :class:`FullyShardedStrategy` (``trainer=fsdp``): FSDP2 -- ``torch.distributed.fsdp.fully_shard``, one shard group
+  per parameter (DTensor) -- through Lightning's ``ModelParallelStrategy`` with a purely data-parallel mesh. Runs on
+  GPUs (NCCL) and on CPUs (gloo), so it is tested end to end on the CPU.
+* :func:`fsdp_strategy` (``trainer=fsdp1``): Lightning's ``FSDPStrategy`` (FSDP1, flat parameters; GPU only).
+
+FSDP gathers each wrapped unit's parameters just before its forward and frees them after, so the wrap policy sets
+the peak of parameter all-gathers: one unit per encoder layer, decoder layer and backbone block (``wrap_layers``),
+plus the whole detector as the root unit (everything else: neck, heads, embeddings). Both save one full state
+dict on rank 0, which loads on a single device. Activation checkpointing under FSDP2 is the model's own
+(``model.encoder_checkpoint_layers``, the ViT's ``use_checkpoint``); FSDP1 can add its own (``checkpoint_layers``;
+then set those to 0 / false so nothing is recomputed twice).
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def import_layer_class(path: str) -> type[nn.Module]:
@@ -29,10 +38,66 @@ def import_layer_class(path: str) -> type[nn.Module]:
     return layer
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"FSDP mixed-precision dtype {name!r} is not one of {', '.join(_DTYPES)} (or null)")
+    return _DTYPES[name]
+
+
+class FullyShardedStrategy(ModelParallelStrategy):
+    """FSDP2 over every rank (data-parallel mesh of size nodes x devices, no tensor parallelism).
+
+    The LightningModule calls :meth:`shard` from ``configure_model`` (``CoDETRModule`` does). Gradient-norm
+    clipping works unchanged (``clip_grad_norm_`` reduces the DTensor shards' norms across ranks).
+
+    Args:
+        wrap_layers: import paths of the layer classes that become their own FSDP unit.
+        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3; False keeps them until
+            backward: more memory, one all-gather less per unit and step).
+        param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (e.g. ``bfloat16`` / ``float32``); None keeps
+            the parameters' dtype (use ``trainer.precision=bf16-mixed`` for autocast instead).
+        save_distributed_checkpoint: False (default) writes one full checkpoint from rank 0; True one shard per rank.
+        kwargs: ``process_group_backend``, ``timeout`` (Lightning's ``ModelParallelStrategy``).
+    """
+
+    def __init__(self, wrap_layers: Sequence[str] = (), reshard_after_forward: bool = True,
+                 param_dtype: str | None = None, reduce_dtype: str | None = None,
+                 save_distributed_checkpoint: bool = False, **kwargs: Any):
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.wrap_layers = tuple(import_layer_class(path) for path in wrap_layers)
+        self.reshard_after_forward = bool(reshard_after_forward)
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
+
+    def setup_environment(self) -> None:
+        # pure data parallelism: one mesh dimension over every process (ModelParallelStrategy's "auto" would make
+        # the processes of one node a tensor-parallel group)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def shard(self, module: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+        """Applies ``fully_shard`` to every ``wrap_layers`` instance (innermost first), then to ``module`` itself;
+        a module that is already sharded is returned unchanged."""
+        if isinstance(module, FSDPModule):
+            return module
+        mesh = mesh if mesh is not None else self.device_mesh["data_parallel"]
+        options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward, "mp_policy": self.mp_policy}
+        for layer in reversed(list(module.modules())):
+            if layer is not module and isinstance(layer, self.wrap_layers):
+                fully_shard(layer, **options)
+        fully_shard(module, **options)
+        return module
+
+
 def fsdp_strategy(wrap_layers: Sequence[str] = (), checkpoint_layers: Sequence[str] = (),
                   state_dict_type: str = "full", **kwargs: Any) -> FSDPStrategy:
-    """``FSDPStrategy(auto_wrap_policy={classes}, activation_checkpointing_policy={classes}, ...)``; other keyword
-    arguments (``sharding_strategy``, ``cpu_offload``, ...) go to Lightning unchanged."""
+    """FSDP1: ``FSDPStrategy(auto_wrap_policy={classes}, activation_checkpointing_policy={classes}, ...)``; other
+    keyword arguments (``sharding_strategy``, ``cpu_offload``, ...) go to Lightning unchanged."""
     wrap = {import_layer_class(path) for path in wrap_layers}
     checkpoint = {import_layer_class(path) for path in checkpoint_layers}
     return FSDPStrategy(auto_wrap_policy=wrap or None, activation_checkpointing_policy=checkpoint or None,

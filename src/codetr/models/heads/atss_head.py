@@ -8,6 +8,7 @@ of every image (un-subsampled, zero boxes where invalid) are handed to the posit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,21 @@ class ConvGNReLU(nn.Module):
 
 
 class Scale(nn.Module):
-    """Learnable scalar multiplier (0-d parameter ``scale``)."""
+    """Learnable scalar multiplier, stored as a 1-element parameter ``scale`` of shape ``(1,)``.
+
+    The reference stores it 0-d; FSDP2 (``fully_shard``) cannot shard 0-d parameters, so it is kept 1-d here and a
+    0-d tensor in a loaded state dict (official checkpoints, older codetr ones) is reshaped on load.
+    """
 
     def __init__(self, value: float = 1.0):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(value)))
+        self.scale = nn.Parameter(torch.tensor([float(value)]))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale

@@ -3,11 +3,20 @@
 Cost = ``w_cls * focal-style class cost + w_l1 * L1(normalised cxcywh) - w_giou * GIoU(absolute xyxy)``.
 All cost matrices of a step (every image, every decoder layer, the encoder proposals) go to the CPU in a single
 transfer, and all indices come back in one.
+
+Non-finite costs (NaN / inf predictions) raise :class:`NonFiniteCostError` naming the image, except inside
+:func:`tolerate_nonfinite_costs`, where they are replaced by a large finite cost so that matching (and so the whole
+forward and backward, with their collectives on every rank) completes: the loss terms are then NaN and the
+training loop skips the step on every rank (:mod:`codetr.lightning.nonfinite`). Raising in the middle of a sharded
+(FSDP) forward would leave the other ranks waiting in their collectives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,10 +26,25 @@ from torchvision.ops import generalized_box_iou
 
 from codetr.models.box_ops import cxcywh_to_xyxy
 
+log = logging.getLogger(__name__)
+_TOLERATE_NONFINITE = contextvars.ContextVar("codetr_tolerate_nonfinite_costs", default=False)
+NONFINITE_COST = 1e8  # far above any finite cost (class + L1 + GIoU costs are O(10)); such pairs are never preferred
+
 
 class NonFiniteCostError(ValueError):
     """A matching cost is NaN / inf: the predictions (or ground truth) of one image are not finite. Training
     turns it into a skipped step (:mod:`codetr.lightning.nonfinite`); elsewhere it is an error naming the image."""
+
+
+@contextlib.contextmanager
+def tolerate_nonfinite_costs() -> Iterator[None]:
+    """Within this context, non-finite costs are matched as :data:`NONFINITE_COST` (with a warning) instead of
+    raising :class:`NonFiniteCostError`."""
+    token = _TOLERATE_NONFINITE.set(True)
+    try:
+        yield
+    finally:
+        _TOLERATE_NONFINITE.reset(token)
 
 
 class HungarianMatcher:
@@ -87,6 +111,10 @@ class HungarianMatcher:
         ]
         present = [c for per_set in costs for c in per_set if c is not None]
         cpu = torch.cat([c.flatten() for c in present]).float().cpu() if present else None
+        if cpu is not None and _TOLERATE_NONFINITE.get() and not torch.isfinite(cpu).all():
+            log.warning("Hungarian matching: %d non-finite costs (NaN/inf predictions) matched as cost %g",
+                        int((~torch.isfinite(cpu)).sum()), NONFINITE_COST)
+            cpu = torch.nan_to_num(cpu, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
         indices, offset = [], 0
         for per_set in costs:
             for image, c in enumerate(per_set):
