@@ -25,7 +25,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor
 
 from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
-from codetr.lightning.strategies import FullyShardedStrategy, fsdp_strategy
+from codetr.lightning.strategies import FullyShardedStrategy, apply_activation_checkpointing, fsdp_strategy
 from codetr.models.backbones.vit import ViTBlock
 from codetr.models.losses.matcher import tolerate_nonfinite_costs
 from codetr.models.transformer.decoder import DinoDecoderLayer
@@ -42,7 +42,7 @@ def test_fsdp1_config_wraps_layers_and_saves_full_checkpoints(compose_cfg):
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy)
     wrapped = set(policy._module_classes)
-    assert {DeformableEncoderLayer, DinoDecoderLayer, ViTBlock} <= wrapped and len(wrapped) == 5
+    assert {DeformableEncoderLayer, DinoDecoderLayer, ViTBlock} <= wrapped and len(wrapped) == 6
     assert strategy._state_dict_type == "full"
     assert cfg.trainer.gradient_clip_val == 0.1
 
@@ -52,7 +52,7 @@ def test_fsdp2_config_and_bad_values(compose_cfg):
     strategy = instantiate_checked(cfg.trainer.strategy)
     assert isinstance(strategy, FullyShardedStrategy)
     assert {DeformableEncoderLayer, DinoDecoderLayer, ViTBlock} <= set(strategy.wrap_layers)
-    assert len(strategy.wrap_layers) == 5 and strategy.reshard_after_forward
+    assert len(strategy.wrap_layers) == 6 and strategy.reshard_after_forward
     assert strategy.mp_policy.param_dtype == torch.bfloat16 and strategy.mp_policy.reduce_dtype is None
     assert not strategy._save_distributed_checkpoint and cfg.trainer.gradient_clip_val == 0.1
     with pytest.raises(ValueError, match="float33"):
@@ -68,6 +68,34 @@ def test_fsdp1_checkpoint_policy_and_bad_class_paths():
         fsdp_strategy(wrap_layers=["codetr.models.nope.Layer"])
     with pytest.raises(TypeError, match="not an nn.Module"):
         fsdp_strategy(wrap_layers=["codetr.lightning.strategies.fsdp_strategy"])
+
+
+def test_activation_checkpointing_policy_recomputes_with_identical_gradients():
+    images, sizes, targets = batch()
+    plain, checkpointed = detector().train(), detector().train()
+    names = apply_activation_checkpointing(checkpointed, (DinoDecoderLayer,))
+    assert names == ["query_head.transformer.decoder.layers.0", "query_head.transformer.decoder.layers.1"]
+    assert apply_activation_checkpointing(checkpointed, (DinoDecoderLayer,)) == []  # never wrapped twice
+    calls = []
+    checkpointed.query_head.transformer.decoder.layers[0].ffn.register_forward_pre_hook(lambda *a: calls.append(1))
+    for model in (plain, checkpointed):
+        torch.manual_seed(7)
+        sum(v for k, v in model(images, sizes, targets).items() if "loss" in k).backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    # forward runs of decoder layer 0 (seen by its FFN) in one step: main + DN queries and two groups of positive
+    # queries, each once in forward and once recomputed in backward -- twice the un-checkpointed count
+    plain_calls = []
+    plain.query_head.transformer.decoder.layers[0].ffn.register_forward_pre_hook(lambda *a: plain_calls.append(1))
+    torch.manual_seed(7)
+    plain(images, sizes, targets)
+    assert len(calls) == 2 * len(plain_calls)
+    with torch.no_grad():  # inference: nothing to recompute
+        calls.clear()
+        checkpointed.eval()(images, sizes)
+        assert len(calls) == 1
 
 
 def _step(model: torch.nn.Module, rank: int) -> tuple[float, float]:
@@ -93,7 +121,8 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
         sharded = detector().train()
         sharded.query_head.transformer.encoder.checkpoint_layers = 1
         mesh = dist.device_mesh.init_device_mesh("cpu", (world,))
-        FullyShardedStrategy(wrap_layers=LAYERS).shard(sharded, mesh)
+        # decoder layers checkpointed by the strategy's policy, the first encoder layer by the model itself
+        FullyShardedStrategy(wrap_layers=LAYERS, checkpoint_layers=LAYERS[1:2]).shard(sharded, mesh)
         units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
         results[f"units{rank}"] = len(units)
         results[f"fsdp{rank}"] = _step(sharded, rank)
@@ -140,6 +169,60 @@ def test_fsdp2_step_has_the_gradients_of_the_ddp_step_and_skips_nan_steps_on_eve
         assert fsdp_norm == pytest.approx(ddp_norm, rel=1e-5)  # the norm over all shards = the norm of the whole
         assert results[f"worst{rank}"] < 1e-5  # clipped, rank-averaged gradients (relative to each tensor's max)
     assert "loss_cls=nan" in results["skip0"] and results["skip1"]  # rank 1: NaN gradient shards or rank 0's flag
+    os.environ.pop("MASTER_ADDR", None)
+
+
+def _backbones() -> dict[str, torch.nn.Module]:
+    """Small ResNet / Swin / ViT (each with its own activation checkpointing on), the same on every rank."""
+    from test_backbones import _small_swin, _small_vit
+
+    from codetr.models.backbones import ResNet
+
+    torch.manual_seed(0)
+    return {"resnet": ResNet(base_channels=8), "swin": _small_swin(with_cp=True), "vit": _small_vit(use_checkpoint=True)}
+
+
+def _backbone_worker(rank: int, world: int, init_file: str, wrap_layers: list[str], results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        mesh = dist.device_mesh.init_device_mesh("cpu", (world,))
+        plain, sharded = _backbones(), _backbones()
+        strategy = FullyShardedStrategy(wrap_layers=wrap_layers)
+        images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+        for name, model in plain.items():
+            model.train()
+            shard = strategy.shard(sharded[name].train(), mesh)
+            units = sum(isinstance(m, FSDPModule) for m in shard.modules())
+            # both ranks see the same image, so the rank-averaged gradient is the single-process one
+            expected, got = model(images), shard(images)
+            sum(o.square().mean() for o in expected).backward()
+            sum(o.square().mean() for o in got).backward()
+            worst = max(float((a - b).detach().abs().max()) for a, b in zip(expected, got, strict=True))
+            for (key, p), (_, q) in zip(model.named_parameters(), shard.named_parameters(), strict=True):
+                if p.grad is not None:
+                    worst = max(worst, float((q.grad.full_tensor() - p.grad).abs().max() / (p.grad.abs().max() + 1e-12)))
+            results[f"{name}{rank}"] = (units, worst)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_fsdp2_yaml_policy_shards_each_backbone_the_way_it_is_called(compose_cfg, tmp_path):
+    """Parameters of a unit are gathered only when the unit is called as a module: a wrap class whose instances
+    the backbone bypasses (e.g. Swin blocks, whose parts it calls directly) would fail here."""
+    wrap_layers = list(compose_cfg("train", ["trainer=fsdp"]).trainer.strategy.wrap_layers)
+    manager = mp.Manager()
+    results = manager.dict()
+    context = mp.spawn(_backbone_worker, args=(2, str(tmp_path / "init"), wrap_layers, results), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "FSDP workers did not finish within 300 s (collective hang?)"
+    for name in ("resnet", "swin", "vit"):
+        for rank in range(2):
+            units, worst = results[f"{name}{rank}"]
+            assert units > 2, name  # the root and several wrapped layers
+            assert worst < 1e-5, (name, worst)
     os.environ.pop("MASTER_ADDR", None)
 
 

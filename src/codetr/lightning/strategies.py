@@ -8,9 +8,9 @@
 FSDP gathers each wrapped unit's parameters just before its forward and frees them after, so the wrap policy sets
 the peak of parameter all-gathers: one unit per encoder layer, decoder layer and backbone block (``wrap_layers``),
 plus the whole detector as the root unit (everything else: neck, heads, embeddings). Both save one full state
-dict on rank 0, which loads on a single device. Activation checkpointing under FSDP2 is the model's own
-(``model.encoder_checkpoint_layers``, the ViT's ``use_checkpoint``); FSDP1 can add its own (``checkpoint_layers``;
-then set those to 0 / false so nothing is recomputed twice).
+dict on rank 0, which loads on a single device. Both can checkpoint activations of chosen layer classes
+(``checkpoint_layers``) in addition to the model's own (``model.encoder_checkpoint_layers``, the backbones'
+``use_checkpoint`` / ``with_cp``); do not name a class the model already checkpoints, or it is recomputed twice.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 def import_layer_class(path: str) -> type[nn.Module]:
@@ -36,6 +37,32 @@ def import_layer_class(path: str) -> type[nn.Module]:
     if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
         raise TypeError(f"FSDP layer class {path!r} is not an nn.Module subclass")
     return layer
+
+
+def apply_activation_checkpointing(module: nn.Module, layer_classes: tuple[type[nn.Module], ...]) -> list[str]:
+    """Runs every ``layer_classes`` instance inside ``module`` under ``torch.utils.checkpoint`` (non-reentrant:
+    same numbers, its activations recomputed in backward) while gradients are enabled; returns their names.
+
+    The layer's own ``forward`` is wrapped (not the module replaced), so parameter names and checkpoints keep
+    their keys and FSDP2's hooks on the layer still gather its parameters before the recomputation. It patches
+    these module instances (a ``copy.deepcopy`` of the model would still call the originals): apply it to the
+    model that trains, as :meth:`FullyShardedStrategy.shard` does.
+    """
+    names = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, layer_classes) or getattr(layer, "_codetr_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+        layer._codetr_checkpointed = True
+        names.append(name)
+    return names
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -57,6 +84,8 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
     Args:
         wrap_layers: import paths of the layer classes that become their own FSDP unit.
+        checkpoint_layers: import paths of layer classes run under activation checkpointing
+            (:func:`apply_activation_checkpointing`, applied before sharding).
         reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3; False keeps them until
             backward: more memory, one all-gather less per unit and step).
         param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (e.g. ``bfloat16`` / ``float32``); None keeps
@@ -65,11 +94,12 @@ class FullyShardedStrategy(ModelParallelStrategy):
         kwargs: ``process_group_backend``, ``timeout`` (Lightning's ``ModelParallelStrategy``).
     """
 
-    def __init__(self, wrap_layers: Sequence[str] = (), reshard_after_forward: bool = True,
-                 param_dtype: str | None = None, reduce_dtype: str | None = None,
+    def __init__(self, wrap_layers: Sequence[str] = (), checkpoint_layers: Sequence[str] = (),
+                 reshard_after_forward: bool = True, param_dtype: str | None = None, reduce_dtype: str | None = None,
                  save_distributed_checkpoint: bool = False, **kwargs: Any):
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.wrap_layers = tuple(import_layer_class(path) for path in wrap_layers)
+        self.checkpoint_layers = tuple(import_layer_class(path) for path in checkpoint_layers)
         self.reshard_after_forward = bool(reshard_after_forward)
         self.mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
 
@@ -81,10 +111,13 @@ class FullyShardedStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, module: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
-        """Applies ``fully_shard`` to every ``wrap_layers`` instance (innermost first), then to ``module`` itself;
-        a module that is already sharded is returned unchanged."""
+        """Applies activation checkpointing to the ``checkpoint_layers`` instances, then ``fully_shard`` to every
+        ``wrap_layers`` instance (innermost first) and to ``module`` itself; a module that is already sharded is
+        returned unchanged."""
         if isinstance(module, FSDPModule):
             return module
+        if self.checkpoint_layers:
+            apply_activation_checkpointing(module, self.checkpoint_layers)
         mesh = mesh if mesh is not None else self.device_mesh["data_parallel"]
         options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward, "mp_policy": self.mp_policy}
         for layer in reversed(list(module.modules())):
