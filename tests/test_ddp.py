@@ -3,13 +3,10 @@ training step with DDP (no find_unused_parameters) even when one rank has no gro
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_support import run_ranks
 from test_co_detr import batch, detector
 
 SYNCED = ["loss_cls", "loss_bbox", "loss_iou", "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou",
@@ -43,13 +40,7 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_process_ddp_matches_single_process_and_survives_a_rank_without_ground_truth(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    init_file = str(tmp_path / "ddp_init")
-    context = mp.spawn(_worker, args=(2, init_file, results), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):  # returns True once every worker has exited (raises on a worker error)
-        assert time.monotonic() < deadline, "DDP workers did not finish within 300 s (collective hang?)"
+    results = run_ranks(_worker, tmp_path)
     images, sizes, targets = batch()
     single = _losses(detector().train(), images, sizes, targets)
     for key in SYNCED:
@@ -57,4 +48,3 @@ def test_two_process_ddp_matches_single_process_and_survives_a_rank_without_grou
         mean = (results["losses0"][key] + results["losses1"][key]) / 2
         assert abs(mean - float(single[key])) <= 1e-5 * abs(float(single[key])) + 1e-6, key
     torch.testing.assert_close(results["grad0"], results["grad1"])  # gradients all-reduced identically
-    os.environ.pop("MASTER_ADDR", None)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_support import run_ranks
 from test_co_detr import batch, detector
 from test_train_e2e import TINY
 from torch.distributed.fsdp import FSDPModule
@@ -152,12 +151,7 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_fsdp2_step_has_the_gradients_of_the_ddp_step_and_skips_nan_steps_on_every_rank(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    context = mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        assert time.monotonic() < deadline, "FSDP workers did not finish within 300 s (collective hang?)"
+    results = run_ranks(_worker, tmp_path)
     model = detector()
     expected_units = 1 + sum(isinstance(m, (DeformableEncoderLayer, DinoDecoderLayer)) for m in model.modules()) + sum(
         type(m).__name__ == "Bottleneck" for m in model.modules())
@@ -169,7 +163,6 @@ def test_fsdp2_step_has_the_gradients_of_the_ddp_step_and_skips_nan_steps_on_eve
         assert fsdp_norm == pytest.approx(ddp_norm, rel=1e-5)  # the norm over all shards = the norm of the whole
         assert results[f"worst{rank}"] < 1e-5  # clipped, rank-averaged gradients (relative to each tensor's max)
     assert "loss_cls=nan" in results["skip0"] and results["skip1"]  # rank 1: NaN gradient shards or rank 0's flag
-    os.environ.pop("MASTER_ADDR", None)
 
 
 def _backbones() -> dict[str, torch.nn.Module]:
@@ -212,18 +205,12 @@ def test_fsdp2_yaml_policy_shards_each_backbone_the_way_it_is_called(compose_cfg
     """Parameters of a unit are gathered only when the unit is called as a module: a wrap class whose instances
     the backbone bypasses (e.g. Swin blocks, whose parts it calls directly) would fail here."""
     wrap_layers = list(compose_cfg("train", ["trainer=fsdp"]).trainer.strategy.wrap_layers)
-    manager = mp.Manager()
-    results = manager.dict()
-    context = mp.spawn(_backbone_worker, args=(2, str(tmp_path / "init"), wrap_layers, results), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        assert time.monotonic() < deadline, "FSDP workers did not finish within 300 s (collective hang?)"
+    results = run_ranks(_backbone_worker, tmp_path, wrap_layers)
     for name in ("resnet", "swin", "vit"):
         for rank in range(2):
             units, worst = results[f"{name}{rank}"]
             assert units > 2, name  # the root and several wrapped layers
             assert worst < 1e-5, (name, worst)
-    os.environ.pop("MASTER_ADDR", None)
 
 
 def _train(run_dir: Path, log_dir: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
