@@ -47,15 +47,15 @@ def test_fsdp1_config_wraps_layers_and_saves_full_checkpoints(compose_cfg):
 
 
 def test_fsdp2_config_and_bad_values(compose_cfg):
-    cfg = compose_cfg("train", ["experiment=co_dino_vit_l_coco", "trainer=fsdp", "trainer.strategy.param_dtype=bfloat16"])
+    cfg = compose_cfg("train", ["experiment=co_dino_vit_l_coco", "trainer=fsdp", "trainer.strategy.reduce_dtype=bfloat16"])
     strategy = instantiate_checked(cfg.trainer.strategy)
     assert isinstance(strategy, FullyShardedStrategy)
     assert {DeformableEncoderLayer, DinoDecoderLayer, ViTBlock} <= set(strategy.wrap_layers)
     assert len(strategy.wrap_layers) == 6 and strategy.reshard_after_forward
-    assert strategy.mp_policy.param_dtype == torch.bfloat16 and strategy.mp_policy.reduce_dtype is None
+    assert strategy.mp_policy.param_dtype is None and strategy.mp_policy.reduce_dtype == torch.bfloat16
     assert not strategy._save_distributed_checkpoint and cfg.trainer.gradient_clip_val == 0.1
     with pytest.raises(ValueError, match="float33"):
-        FullyShardedStrategy(wrap_layers=LAYERS, param_dtype="float33")
+        FullyShardedStrategy(wrap_layers=LAYERS, reduce_dtype="float33")
     with pytest.raises(ValueError, match="codetr.models.nope.Layer"):
         FullyShardedStrategy(wrap_layers=["codetr.models.nope.Layer"])
 

@@ -72,7 +72,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in _DTYPES:
-        raise ValueError(f"FSDP mixed-precision dtype {name!r} is not one of {', '.join(_DTYPES)} (or null)")
+        raise ValueError(f"FSDP reduce dtype {name!r} is not one of {', '.join(_DTYPES)} (or null)")
     return _DTYPES[name]
 
 
@@ -88,20 +88,23 @@ class FullyShardedStrategy(ModelParallelStrategy):
             (:func:`apply_activation_checkpointing`, applied before sharding).
         reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3; False keeps them until
             backward: more memory, one all-gather less per unit and step).
-        param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (e.g. ``bfloat16`` / ``float32``); None keeps
-            the parameters' dtype (use ``trainer.precision=bf16-mixed`` for autocast instead).
+        reduce_dtype: dtype of the gradient reduce-scatter (FSDP2 ``MixedPrecisionPolicy``), e.g. ``bfloat16`` to
+            halve its traffic; None reduces in the parameters' dtype (fp32). For bf16 compute use
+            ``trainer.precision=bf16-mixed``: autocast keeps deformable sampling, matching and losses in fp32.
+            FSDP2's ``param_dtype`` is not offered: all-bf16 parameters would also run those parts, and the frozen
+            BatchNorm (fp32 buffers), in bf16.
         save_distributed_checkpoint: False (default) writes one full checkpoint from rank 0; True one shard per rank.
         kwargs: ``process_group_backend``, ``timeout`` (Lightning's ``ModelParallelStrategy``).
     """
 
     def __init__(self, wrap_layers: Sequence[str] = (), checkpoint_layers: Sequence[str] = (),
-                 reshard_after_forward: bool = True, param_dtype: str | None = None, reduce_dtype: str | None = None,
+                 reshard_after_forward: bool = True, reduce_dtype: str | None = None,
                  save_distributed_checkpoint: bool = False, **kwargs: Any):
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.wrap_layers = tuple(import_layer_class(path) for path in wrap_layers)
         self.checkpoint_layers = tuple(import_layer_class(path) for path in checkpoint_layers)
         self.reshard_after_forward = bool(reshard_after_forward)
-        self.mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
+        self.mp_policy = MixedPrecisionPolicy(reduce_dtype=_dtype(reduce_dtype))
 
     def setup_environment(self) -> None:
         # pure data parallelism: one mesh dimension over every process (ModelParallelStrategy's "auto" would make
