@@ -7,14 +7,9 @@ counts on a GPU, before the caching allocator's rounding), the peak of live byte
 ``a + b * pixels`` (the backbone, encoder and auxiliary heads scale with pixels; parameters, gradients and the
 decoder's 900 + denoising queries do not) and extrapolated to the recipe's LSJ canvas. AdamW's two fp32 moment
 tensors per trainable parameter, allocated at the first optimizer step, are added. The CPU path differs from a
-GPU's in kernels (attention kernels' saved tensors, SDPA workspaces), so the figures are estimates: batch 1,
+GPU's in kernels (attention kernels' saved tensors, SDPA workspaces), so the figures are estimates: fp32, batch 1,
 without allocator fragmentation or CUDA context (~0.5 GiB). Where a GPU is lent, ``--device cuda`` of the
 ``model`` suite measures instead.
-
-Precision: fp32, and ``bf16-mixed`` with the recipe's checkpointing (the step under CPU autocast to bfloat16, as
-``trainer.precision=bf16-mixed`` does with CUDA autocast: fp32 parameters, gradients and AdamW moments; matmul /
-convolution outputs in bf16; deformable-attention sampling, matching and losses in fp32). CPU and CUDA autocast
-cast nearly the same op lists, which is what makes the bf16 figure an estimate rather than a measurement.
 """
 
 from __future__ import annotations
@@ -36,12 +31,8 @@ CASES = [
 ]
 
 
-BF16 = "--bf16"  # argument of the per-size subprocess: run the step under bf16 autocast
-
-
-def step_peak_bytes(backbone: str, size: int, overrides: tuple[str, ...], bf16: bool = False) -> dict:
-    """Peak live tensor bytes over one training forward + backward at ``size`` x ``size`` (this process), in fp32
-    or (``bf16``) under CPU autocast to bfloat16.
+def step_peak_bytes(backbone: str, size: int, overrides: tuple[str, ...]) -> dict:
+    """Peak live tensor bytes over one training forward + backward at ``size`` x ``size`` (this process).
 
     Reads ``torch.profiler._memory_profiler.MemoryProfile``, the timeline behind the profiler's (deprecated)
     ``export_memory_timeline``; ``tests/test_bench_memory.py`` notices if a torch release changes it.
@@ -54,8 +45,7 @@ def step_peak_bytes(backbone: str, size: int, overrides: tuple[str, ...], bf16: 
     images, sizes, targets = synthetic_batch(1, size)
     trainable = sum(p.numel() for p in detector.parameters() if p.requires_grad)
     with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses = detector(images, sizes, targets)
+        losses = detector(images, sizes, targets)
         sum(v for k, v in losses.items() if "loss" in k).backward()
     live = peak = 0
     for _, action, _, nbytes in MemoryProfile(prof.profiler.kineto_results).timeline:
@@ -71,8 +61,7 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Measurement]:
     del device, repeats  # always one profiled CPU step per size
     rows = []
     for backbone, canvas, measured_sizes, no_checkpointing in CASES:
-        settings = (("recipe", "fp32", ()), ("off", "fp32", no_checkpointing), ("recipe", "bf16-mixed", (BF16,)))
-        for checkpointing, precision, overrides in settings:
+        for checkpointing, overrides in (("recipe", ()), ("off", no_checkpointing)):
             points = []
             for size in measured_sizes:
                 command = [sys.executable, "-m", "codetr.bench.memory", backbone, str(size), *overrides]
@@ -85,8 +74,7 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Measurement]:
             step = m1["peak_bytes"] + per_pixel * (canvas**2 - s1**2)
             adamw = 8 * m1["trainable_params"]
             gib = (step + adamw) / 2**30
-            params = {"model": backbone, "canvas": f"{canvas}x{canvas}", "checkpointing": checkpointing,
-                      "precision": precision}
+            params = {"model": backbone, "canvas": f"{canvas}x{canvas}", "checkpointing": checkpointing}
             extra = {
                 "estimated_gib_per_image": round(gib, 1),
                 **{f"measured_peak_mib@{s}": round(m["peak_bytes"] / 2**20) for s, m in points},
@@ -98,5 +86,5 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Measurement]:
 
 
 if __name__ == "__main__":
-    backbone, size, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    print(json.dumps(step_peak_bytes(backbone, size, tuple(a for a in rest if a != BF16), bf16=BF16 in rest)))
+    backbone, size = sys.argv[1], int(sys.argv[2])
+    print(json.dumps(step_peak_bytes(backbone, size, tuple(sys.argv[3:]))))
