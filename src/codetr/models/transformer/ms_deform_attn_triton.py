@@ -25,6 +25,15 @@ BLOCK_QUERIES = 32
 
 
 @triton.jit
+def _program_block(H, Q, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch ``b``, head ``m``, query block ``q`` and channel lanes ``d`` (with their masks)."""
+    bh = tl.program_id(1)
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    return bh // H, bh % H, q, d, q < Q, d < D
+
+
+@triton.jit
 def _level(shapes, starts, l):
     """Height, width and first flat token of level ``l``."""
     return tl.load(shapes + 2 * l).to(tl.int32), tl.load(shapes + 2 * l + 1).to(tl.int32), tl.load(starts + l).to(tl.int32)
@@ -65,13 +74,7 @@ def _corner(lx, ly, h, w, start, corner: tl.constexpr):
 @triton.jit
 def _forward_kernel(value, shapes, starts, loc, attn, out, N, H, Q,
                     L: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = bh // H
-    m = bh % H
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    q_ok = q < Q
-    d_ok = d < D
+    b, m, q, d, q_ok, d_ok = _program_block(H, Q, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for l in range(L):  # a runtime loop: unrolling levels x points x corners made 2 MB of PTX
         h, w, start = _level(shapes, starts, l)
@@ -90,13 +93,7 @@ def _forward_kernel(value, shapes, starts, loc, attn, out, N, H, Q,
 @triton.jit
 def _backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, N, H, Q,
                      L: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = bh // H
-    m = bh % H
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    q_ok = q < Q
-    d_ok = d < D
+    b, m, q, d, q_ok, d_ok = _program_block(H, Q, D, BLOCK_Q, BLOCK_D)
     out_rows = ((b * Q + q).to(tl.int64) * H + m) * D
     g = tl.load(grad_out + out_rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     g = g.to(tl.float32)
