@@ -284,8 +284,7 @@ def load_detector_weights(model: nn.Module, state_dict: Mapping[str, Tensor], st
     keep the model's initialisation and are returned (and logged) -- unless ``strict_classes`` is True, which makes
     any such difference an error. Every other missing / unexpected key or shape mismatch raises.
     """
-    state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
-    state = {k: to_codetr_layout(k, v) for k, v in state.items()}
+    state = {k.removeprefix(PREFIX): to_codetr_layout(k.removeprefix(PREFIX), v) for k, v in state_dict.items()}
     own = model.state_dict()
     reinit = sorted(
         k for k in own if is_class_dependent(k) and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))

@@ -44,7 +44,10 @@ def apply_activation_checkpointing(module: nn.Module, layer_classes: tuple[type[
     same numbers, its activations recomputed in backward) while gradients are enabled; returns their names.
 
     The layer's own ``forward`` is wrapped (not the module replaced), so parameter names and checkpoints keep
-    their keys and FSDP2's hooks on the layer still gather its parameters before the recomputation. It patches
+    their keys and FSDP2's hooks on the layer still gather its parameters before the recomputation. (torch's
+    ``checkpoint_wrapper`` / ``apply_activation_checkpointing``, which FSDP1 uses, instead insert a
+    ``_checkpoint_wrapped_module`` level into every parameter name, which the optimiser groups and layer-decay
+    ids read.) It patches
     these module instances (a ``copy.deepcopy`` of the model would still call the originals): apply it to the
     model that trains, as :meth:`FullyShardedStrategy.shard` does.
     """

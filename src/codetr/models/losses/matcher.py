@@ -111,10 +111,13 @@ class HungarianMatcher:
         ]
         present = [c for per_set in costs for c in per_set if c is not None]
         cpu = torch.cat([c.flatten() for c in present]).float().cpu() if present else None
-        if cpu is not None and _TOLERATE_NONFINITE.get() and not torch.isfinite(cpu).all():
+        # one finiteness check of all costs; only a failed one looks for the image to name
+        finite = cpu is None or bool(torch.isfinite(cpu).all())
+        if not finite and _TOLERATE_NONFINITE.get():
             log.warning("Hungarian matching: %d non-finite costs (NaN/inf predictions) matched as cost %g",
                         int((~torch.isfinite(cpu)).sum()), NONFINITE_COST)
             cpu = torch.nan_to_num(cpu, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
+            finite = True
         indices, offset = [], 0
         for per_set in costs:
             for image, c in enumerate(per_set):
@@ -123,7 +126,7 @@ class HungarianMatcher:
                     continue
                 matrix = cpu[offset : offset + c.numel()].view(c.shape)
                 offset += c.numel()
-                if not torch.isfinite(matrix).all():
+                if not finite and not torch.isfinite(matrix).all():
                     bad = (~torch.isfinite(matrix)).sum().item()
                     raise NonFiniteCostError(
                         f"Hungarian matching: image {image} of the batch has {bad} non-finite costs "
