@@ -75,8 +75,6 @@ class ATSSHead(nn.Module):
         num_groups: GroupNorm groups. strides, ratios, octave_base_scale, scales_per_octave: anchors.
         topk: ATSS candidates per level. target_stds: coder normalisation (means 0).
         focal_alpha, focal_gamma: sigmoid focal loss. loss_*_weight: 12 / 24 / 12 (base x 6 layers x lambda 2).
-        clamp_avg_factor: clamp the positive-count normaliser at 1 (the reference does not: an image batch
-            without any positive gives a division by ~0 there).
         prior_prob, init_std: classifier bias prior and normal init std of all convs.
         test_nms_pre, test_score_thr, test_nms_iou, test_max_per_img, min_bbox_size: ``predict`` ('one-stage').
     """
@@ -99,7 +97,6 @@ class ATSSHead(nn.Module):
         loss_cls_weight: float = 12.0,
         loss_bbox_weight: float = 24.0,
         loss_centerness_weight: float = 12.0,
-        clamp_avg_factor: bool = True,
         prior_prob: float = 0.01,
         init_std: float = 0.01,
         test_nms_pre: int = 1000,
@@ -132,7 +129,7 @@ class ATSSHead(nn.Module):
         self.coder = DeltaXYWHBoxCoder(stds=target_stds)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.loss_cls_weight, self.loss_bbox_weight = loss_cls_weight, loss_bbox_weight
-        self.loss_centerness_weight, self.clamp_avg_factor = loss_centerness_weight, clamp_avg_factor
+        self.loss_centerness_weight = loss_centerness_weight
         self.test_nms_pre, self.test_score_thr, self.test_nms_iou = test_nms_pre, test_score_thr, test_nms_iou
         self.test_max_per_img, self.min_bbox_size = test_max_per_img, min_bbox_size
         for module in self.modules():
@@ -203,9 +200,10 @@ class ATSSHead(nn.Module):
         deltas = torch.cat(deltas, dim=1).float()
         centerness = torch.cat(centerness, dim=1).float()
         pos = labels < self.num_classes
-        num_pos = mean_over_ranks(pos.sum().float())
-        if self.clamp_avg_factor:
-            num_pos = num_pos.clamp(min=1.0)
+        # Normaliser of the classification and centerness losses: positives per image, an image without any
+        # counting as 1 (the reference's SamplingResult.num_pos = max(#pos, 1), summed over the batch in
+        # ATSSHead.get_targets), averaged over ranks. LSJ crops leave images without boxes often.
+        num_pos = mean_over_ranks(pos.sum(dim=1).clamp(min=1).sum().float())
         onehot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].float()
         focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
         loss_cls = self.loss_cls_weight * (focal * weights[..., None]).sum() / (num_pos + _EPS)

@@ -154,7 +154,9 @@ class RPNHead(nn.Module):
             gt_boxes = target["boxes"].to(priors)
             assign = self.assigner(priors, gt_boxes, target["labels"])
             sample = self.sampler(assign, priors, gt_boxes, target["labels"])
-            num_samples += sample.num_sampled
+            # the reference's normaliser: max(#pos, 1) + max(#neg, 1) per image (SamplingResult.avg_factor), so an
+            # image without ground truth (0 positives) still counts one positive
+            num_samples += max(len(sample.pos_inds), 1) + max(len(sample.neg_inds), 1)
             img_logits, img_deltas = logits[i][valid], deltas[i][valid]
             inds = torch.cat([sample.pos_inds, sample.neg_inds])
             cls_target = torch.zeros(len(inds), device=device)
