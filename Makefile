@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo notebook bench lint clean
+.PHONY: install test test-fast demo notebook bench gpu-wheels gpu-check gpu-check-dry lint clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,20 @@ notebook:
 
 bench:
 	$(PY) -m codetr.bench
+
+# GPU evidence (README "GPU check"). gpu-wheels: the wheels the GPU machine lacks, into .whl/ (carry it along);
+# gpu-check: the check (one GPU, under 8 minutes); gpu-check-dry: its CPU rehearsal at tiny sizes (what CI runs).
+# The interpreter: this venv's where it exists, else python3 (the GPU machine's). Extra flags: GPU_CHECK_ARGS=...
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-wheels:
+	PYTHON=$(GPU_PY) bash tools/gpu_wheels.sh
+
+gpu-check:
+	PYTHON=$(GPU_PY) bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-check-dry:
+	PYTHON=$(GPU_PY) bash tools/gpu_check.sh --dry-run $(GPU_CHECK_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check src tests

@@ -18,17 +18,23 @@ import torch
 from codetr.bench.timing import Measurement, peak_rss_mib, sync
 
 
-def build_detector(backbone: str, num_classes: int = 80, overrides: tuple[str, ...] = ()):
-    """The detector exactly as the Hydra configs define it (``model=co_dino backbone=<name>`` + ``overrides``)."""
+def compose_config(overrides: list[str] | tuple[str, ...]):
+    """``conf/train.yaml`` composed with ``overrides`` (no Hydra run directory; nothing is instantiated)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
 
     import codetr.utils  # noqa: F401  (resolvers)
 
     GlobalHydra.instance().clear()
     with initialize_config_module("codetr.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"backbone={backbone}", f"data.num_classes={num_classes}", *overrides])
+        return compose("train", overrides=list(overrides))
+
+
+def build_detector(backbone: str, num_classes: int = 80, overrides: tuple[str, ...] = ()):
+    """The detector exactly as the Hydra configs define it (``model=co_dino backbone=<name>`` + ``overrides``)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config([f"backbone={backbone}", f"data.num_classes={num_classes}", *overrides])
     return instantiate(cfg.model.detector)
 
 
