@@ -20,9 +20,13 @@ from codetr.data.coco import CocoDetection, load_rgb
 from codetr.data.collate import collate
 from codetr.data.copy_paste import CopyPaste
 from codetr.data.sampler import ResumableDataLoader, ResumableSampler, SeededSamples
-from codetr.data.transforms import build_pipeline
+from codetr.data.transforms import build_pipeline, pipeline_keys
+from codetr.utils.config_keys import check_known_keys
 
 log = logging.getLogger(__name__)
+# aug keys read here rather than by the pipelines (Copy-Paste is LSJ-only)
+LOADER_AUG_KEYS = ("name", "size_divisor")
+COPY_PASTE_KEYS = ("copy_paste", "copy_paste_max", "copy_paste_box_shift", "copy_paste_min_area")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -49,6 +53,12 @@ class ImageFolderDataset(Dataset):
                   "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
                   "labels": torch.zeros(0, dtype=torch.long), "image_id": index, "orig_size": (h, w)}
         return self.transform(sample)
+
+
+def check_aug_keys(aug: Mapping) -> None:
+    """Refuse ``aug`` keys that neither the pipelines nor the loaders read (e.g. ``+aug.scale=...``)."""
+    copy_paste = COPY_PASTE_KEYS if aug.get("name") == "lsj" else ()
+    check_known_keys(aug, {*LOADER_AUG_KEYS, *pipeline_keys(aug.get("name")), *copy_paste}, "aug")
 
 
 def ignore_interrupts_in_worker(worker_id: int) -> None:
@@ -109,6 +119,7 @@ class CocoDataModule(pl.LightningDataModule):
                       "test": (test_images or val_images, test_annotations or val_annotations)}
         self.predict_images = predict_images
         self.aug = dict(aug or {"name": "detr"})
+        check_aug_keys(self.aug)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
