@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
 import torch
 
-from codetr.lightning.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from codetr.lightning.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_interrupted_writes
 
 
 def test_save_replaces_the_file_and_loads_with_weights_only(tmp_path):
@@ -45,3 +46,26 @@ def test_unserialisable_checkpoint_never_touches_the_disk(tmp_path):
 def test_storage_options_are_rejected_by_name(tmp_path):
     with pytest.raises(TypeError, match="storage_options"):
         AtomicCheckpointIO().save_checkpoint({}, tmp_path / "x.ckpt", storage_options={"a": 1})
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        atomic_torch_save({"w": torch.ones(1)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
+
+
+def test_files_left_by_a_killed_write_are_recognised_and_removed(tmp_path, monkeypatch):
+    def killed(*args):  # the process "dies" before the rename; the except clause never runs after a SIGKILL
+        raise SystemExit
+
+    monkeypatch.setattr("codetr.lightning.checkpoint_io.os.replace", killed)
+    monkeypatch.setattr("codetr.lightning.checkpoint_io.Path.unlink", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        atomic_torch_save({"w": torch.ones(1)}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert len(list(tmp_path.iterdir())) == 1
+    assert len(remove_interrupted_writes(tmp_path)) == 1 and not list(tmp_path.iterdir())

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -148,3 +149,128 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(9), random.seed(9), np.random.seed(9)
     restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert_identical((torch.rand(3), random.random(), np.random.rand()), expected)
+
+
+# ---------------------------------------------------------------- many kills, in one process
+# A kill is simulated by an exception from a callback hook: what a SIGKILL at that moment leaves on disk (the last
+# completed checkpoint; writes are atomic) is the same, and resuming in-process keeps the test cheap. SIGTERM and
+# Ctrl-C are real stop requests (Lightning's flag / a real SIGINT) handled by CheckpointOnSignal.
+CHAIN = [
+    "experiment=demo", "data.generate.num_train=6", "data.generate.num_val=2", "data.generate.image_size=64",
+    "data.batch_size=2", "data.datamodule.val_batch_size=1", "aug.scales=[48,64]", "aug.crop_scales=[64]",
+    "aug.crop_size=[48,64]", "aug.test_scale=64", "callbacks=ema", "callbacks.ema.warmup=4",
+    "~callbacks.progress_bar", "callbacks.step_checkpoint.every_n_train_steps=1", "trainer.max_epochs=2",
+    "trainer.deterministic=true", "scheduler.milestones=[1]", "logger=csv",
+]
+CHAIN_STEPS = 6  # 2 epochs x 3 batches
+# (how, hook, global_step, epoch), one after the other, each in the run resumed after the previous one: a kill
+# mid-epoch before that step's checkpoint, during validation, after validation before the epoch-end checkpoint,
+# SIGTERM during validation, a kill right after the epoch-end checkpoint, Ctrl-C mid-epoch and a kill during the
+# last epoch's validation.
+KILLS = [("kill", "train_batch_end", 2, 0), ("kill", "val_batch_end", 3, 0), ("kill", "train_epoch_end", 3, 0),
+         ("sigterm", "val_batch_end", 3, 0), ("kill", "train_epoch_start", 3, 1), ("sigint", "train_batch_end", 4, 1),
+         ("kill", "val_batch_end", 6, 1)]
+
+
+class Killed(Exception):
+    """Stands for SIGKILL."""
+
+
+class Interrupter(pl.Callback):
+    """Stops the run at ``point`` and records every finished validation ``(epoch, global_step, val/AP)``."""
+
+    def __init__(self, point: tuple | None, validations: list):
+        self.point, self.validations, self.fired = point, validations, False
+
+    def _at(self, hook: str, trainer: pl.Trainer) -> None:
+        if self.point is None or self.point[1:] != (hook, trainer.global_step, trainer.current_epoch):
+            return
+        self.fired = True
+        how = self.point[0]
+        if how == "kill":
+            raise Killed(str(self.point))
+        if how == "sigterm":
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler does
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_batch_end(self, trainer, *args):
+        self._at("train_batch_end", trainer)
+
+    def on_validation_batch_end(self, trainer, *args):
+        self._at("val_batch_end", trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        self.validations.append((trainer.current_epoch, trainer.global_step, float(trainer.callback_metrics["val/AP"])))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._at("train_epoch_end", trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._at("train_epoch_start", trainer)
+
+
+def run_chain_part(compose_cfg, run_dir: Path, data_dir: Path, point, validations, resume: bool) -> bool:
+    """One process lifetime of the run; True when it was stopped at ``point``."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    import codetr.train as train_module
+
+    cfg = compose_cfg("train", [*CHAIN, f"data.root={data_dir}", *(["ckpt_path=last"] if resume else [])])
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    interrupter = Interrupter(point, validations)
+    build = train_module.build_trainer
+
+    def build_with_interrupter(config):
+        trainer = build(config)
+        trainer.callbacks.insert(0, interrupter)
+        return trainer
+
+    train_module.build_trainer = build_with_interrupter
+    try:
+        train_module.train(cfg)
+    except (Killed, SystemExit):  # SystemExit: Lightning's SIGTERMException after the signal checkpoint
+        assert interrupter.fired
+        return True
+    finally:
+        train_module.build_trainer = build
+    assert point is None, f"{point} was never reached"
+    return False
+
+
+def last_validations(validations: list) -> dict[int, tuple]:
+    return {epoch: (step, ap) for epoch, step, ap in validations}
+
+
+@pytest.mark.slow
+def test_killed_at_many_points_including_validation_and_epoch_boundaries_equals_uninterrupted(compose_cfg, tmp_path):
+    data_dir = tmp_path / "data"
+    straight_validations: list = []
+    run_chain_part(compose_cfg, tmp_path / "straight", data_dir, None, straight_validations, resume=False)
+
+    killed_dir, validations = tmp_path / "killed", []
+    for number, point in enumerate(KILLS):
+        assert run_chain_part(compose_cfg, killed_dir, data_dir, point, validations, resume=number > 0)
+    run_chain_part(compose_cfg, killed_dir, data_dir, None, validations, resume=True)
+
+    straight, resumed = final_state(tmp_path / "straight"), final_state(killed_dir)
+    assert (straight["global_step"], resumed["global_step"]) == (CHAIN_STEPS, CHAIN_STEPS)
+    assert straight["epoch"] == resumed["epoch"]
+    assert_identical(straight["state_dict"], resumed["state_dict"], "state_dict")
+    assert_identical(straight["ema_state_dict"], resumed["ema_state_dict"], "ema_state_dict")
+    assert_identical(straight["optimizer_states"], resumed["optimizer_states"], "optimizer_states")
+    assert_identical(straight["lr_schedulers"], resumed["lr_schedulers"], "lr_schedulers")
+    # every epoch validated, with the uninterrupted run's AP at the same step
+    assert last_validations(validations) == last_validations(straight_validations)
+    assert sorted(last_validations(validations)) == [0, 1]
+    scores = [next(v["best_model_score"] for k, v in s["callbacks"].items() if "val/AP" in k)
+              for s in (straight, resumed)]
+    assert_identical(scores[0], scores[1], "best val/AP")
+    # the resumed runs appended to the metrics file: every epoch's validation row is there
+    rows = (killed_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = {row.split(",")[header.index("epoch")] for row in rows[1:] if row.split(",")[header.index("val/AP")]}
+    assert epochs == {"0", "1"}

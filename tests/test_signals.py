@@ -1,5 +1,6 @@
-"""SIGTERM writes last.ckpt before the process stops and the run resumes from it; SLURM's requeue signal writes
-an hpc checkpoint and calls `scontrol requeue <job id>` (real signals, delivered to this process)."""
+"""SIGTERM and Ctrl-C write last.ckpt before the process stops and the run resumes from it (a second Ctrl-C stops
+at once); SLURM's requeue signal writes an hpc checkpoint and calls `scontrol requeue <job id>` (real signals,
+delivered to this process). SIGTERM / Ctrl-C during validation: tests/test_resume_exact.py."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 
 
 class SendSignal(pl.Callback):
-    def __init__(self, signum: int, at_batch: int):
-        self.signum, self.at_batch = signum, at_batch
+    def __init__(self, signum: int, at_batch: int, times: int = 1):
+        self.signum, self.at_batch, self.times = signum, at_batch, times
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_batch:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 def make_trainer(tmp_path, steps: int, *callbacks, plugins=None) -> pl.Trainer:
@@ -57,6 +59,31 @@ def test_sigterm_writes_last_checkpoint_and_the_run_resumes(tmp_path):
     resumed = make_trainer(tmp_path, 8)
     resumed.fit(module(), loader(), ckpt_path="last")
     assert resumed.global_step == 8
+
+
+def test_ctrl_c_writes_last_checkpoint_like_sigterm_and_the_run_resumes(tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            make_trainer(tmp_path, 8, SendSignal(signal.SIGINT, at_batch=3)).fit(module(), loader())
+        assert signal.getsignal(signal.SIGINT) == previous  # our handler is gone after the fit
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = make_trainer(tmp_path, 8)
+    resumed.fit(module(), loader(), ckpt_path="last")
+    assert resumed.global_step == 8
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            make_trainer(tmp_path, 8, SendSignal(signal.SIGINT, at_batch=3, times=2)).fit(module(), loader())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == 1
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_slurm_requeue_signal_writes_hpc_checkpoint_and_requeues(tmp_path, monkeypatch):

@@ -50,13 +50,13 @@ def test_train_checkpoint_resume_evaluate_predict(compose_cfg, tmp_path):
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 2 and state["epoch"] == 1  # written at the end of training (epoch 0 done)
+    assert state["global_step"] == 2 and state["epoch"] == 0  # the epoch-end checkpoint of epoch 0
     assert all(k.startswith("detector.") for k in state["state_dict"])
 
     # resume: the second epoch continues from step 2 with the restored optimiser state
     metrics, _ = _short_run(compose_cfg, [f"ckpt_path={last}", "trainer.max_epochs=2"])
     resumed = torch.load(last, map_location="cpu", weights_only=True)
-    assert resumed["global_step"] == 4 and resumed["epoch"] == 2
+    assert resumed["global_step"] == 4 and resumed["epoch"] == 1
     assert "val/AP" in metrics
 
     cfg = compose_cfg("evaluate", [*TINY, f"ckpt_path={last}", f"data.root={run_dir / 'demo_data'}"])

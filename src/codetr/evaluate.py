@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stage = "test" if cfg.split == "test" else "validate"
     datamodule.setup(stage)
     module = build_module(cfg, datamodule)
-    load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema)
+    load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, same_classes=True)
     recorders: dict[str, RecordingEvaluator] = {}
 
     def factory(split: str) -> RecordingEvaluator:

@@ -3,20 +3,24 @@
 Composes ``conf/train.yaml`` (package ``codetr.conf``), builds data, detector, Lightning module, callbacks,
 loggers and trainer (only ``codetr.``/``torch.``/``torchvision.``/``lightning.`` targets are instantiated), fits
 (``ckpt_path=...`` resumes), optionally tests, prints the AP table and returns ``optimized_metric`` (for sweeps).
+The run directory is locked while the run writes there (:mod:`codetr.utils.run_lock`); partial checkpoint files
+of killed runs are removed and ``ckpt_path=last`` / ``last_if_exists`` resolved (:mod:`codetr.lightning.resume`).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from codetr.utils import check_targets, instantiate_checked
+from codetr.utils import check_known_keys, check_targets, instantiate_checked
 from codetr.utils.checkpoints import load_detector_weights
 from codetr.utils.printing import print_metrics
+from codetr.utils.run_lock import RunLock, is_launcher_rank_zero
 
 if TYPE_CHECKING:
     from codetr.lightning import CoDETRModule
@@ -59,6 +63,20 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
     )
 
 
+def check_config_keys(cfg: DictConfig) -> None:
+    """Refuse keys nothing reads in nodes passed on as mappings (``nonfinite``, ``model.compile``; ``optimizer`` /
+    ``scheduler`` and ``aug`` are checked where they are read) and group entries that are not objects to build."""
+    if cfg.get("nonfinite") is not None:
+        check_known_keys(cfg.nonfinite, ("check", "max_consecutive"), "nonfinite")
+    if cfg.get("model") is not None and cfg.model.get("compile") is not None:
+        check_known_keys(cfg.model.compile, ("enabled", "regions", "mode", "dynamic", "backend"), "model.compile")
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None and not (isinstance(node, DictConfig) and "_target_" in node):
+                raise ValueError(f"{group}.{name} is not a {group[:-1] if group == 'callbacks' else group} to build "
+                                 f"(no _target_): {node!r}; entries of {group} are objects, or null to drop one")
+
+
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -73,8 +91,16 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Runs one training job; returns the final callback metrics as floats."""
+    """Runs one training job with its run directory locked; returns the final callback metrics as floats."""
     check_targets(cfg)
+    check_config_keys(cfg)
+    with RunLock(Path(cfg.paths.output_dir), enabled=is_launcher_rank_zero()):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
+    from codetr.lightning.resume import remove_partial_checkpoints, resolve_ckpt_path
+
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     if hasattr(datamodule, "prepare_data"):
@@ -86,8 +112,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     metrics: dict[str, float] = {}
+    if trainer.is_global_zero:
+        remove_partial_checkpoints(trainer)
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(trainer, cfg.get("ckpt_path")))
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", False):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -3,77 +3,41 @@
 Category ids are mapped to contiguous labels ``0..K-1`` (sorted by id) and back (``category_ids``). Bad input is
 handled before or during training without stopping it (every case is counted and reported once):
 
-* missing image folder / annotation file, or a json that is not COCO: ``FileNotFoundError`` / ``ValueError``
-  naming the path or the missing field, raised when the dataset is built;
-* duplicated image ids: later duplicates dropped; images with a side < ``min_size`` (json size) dropped;
-* annotations: ``iscrowd`` ones are not training targets (they stay in the json for evaluation); unknown category
-  ids, non-finite or non-positive-size boxes dropped; boxes clipped to the image;
-* unreadable / truncated / non-image files: skipped at load time, another image is drawn instead;
-* grayscale / palette / RGBA / 16-bit images converted to RGB; EXIF orientation applied; a decoded size that differs
-  from the json's width/height is trusted (boxes clipped to it).
+* missing image folder / annotation file, a json that is not COCO or breaks its schema (wrong types, null
+  entries, duplicated category ids, every annotation orphaned ...): ``FileNotFoundError`` / ``ValueError`` naming
+  the path, the entry and the field, raised when the dataset is built (:mod:`codetr.data.annotations`);
+* duplicated image ids: later duplicates dropped; images with a side < ``min_size`` (json size) dropped; images
+  with more than ``max_boxes_per_image`` usable boxes dropped (training only: such an image costs gigabytes in
+  matching and the auxiliary heads' assigners);
+* annotations: ``iscrowd`` ones are not training targets (they stay in the json for evaluation); orphaned ones
+  (``image_id`` of no image), unknown category ids, non-finite or non-positive-size boxes dropped; boxes clipped
+  to the image; a segmentation pycocotools cannot use (:mod:`codetr.data.masks`) is replaced by a box-shaped mask;
+* unreadable / truncated / non-image files, images over ``max_image_pixels`` and wide / float images whose value
+  range cannot be mapped (:mod:`codetr.data.images`): skipped at load time, another image is drawn instead;
+* grayscale / palette / RGBA / 16-bit / float images converted to RGB; EXIF orientation applied; a decoded size that
+  differs from the json's width/height is trusted (boxes clipped to it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from codetr.data.annotations import check_coco, load_json, read_coco_json
+from codetr.data.images import ImageTooLargeError, UnsupportedPixelValuesError, load_rgb
+from codetr.data.masks import decode_segmentation, segmentation_problem
+
+__all__ = ["CocoDetection", "load_rgb", "read_coco_json"]
 log = logging.getLogger(__name__)
-REQUIRED_FIELDS = ("images", "annotations", "categories")
-
-
-def read_coco_json(path: str | Path) -> dict:
-    """Load and validate a COCO-format annotation file (errors name the file and the field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(  # noqa: TRY004 - one error type for every "not COCO" case
-            f"{path} is not a COCO annotation file: top level is {type(data).__name__}, not an object")
-    for field in REQUIRED_FIELDS:
-        if field not in data:
-            raise ValueError(f"{path} is not a COCO annotation file: missing field '{field}'")
-    for image in data["images"]:
-        for key in ("id", "width", "height"):
-            if key not in image:
-                raise ValueError(f"{path}: image entry {image.get('id', '?')} lacks '{key}'")
-    for category in data["categories"]:
-        if "id" not in category:
-            raise ValueError(f"{path}: category entry lacks 'id'")
-    return data
-
-
-def load_rgb(path: Path) -> torch.Tensor:
-    """Decode any PIL-readable image to ``(3, H, W)`` uint8 RGB with the EXIF orientation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32)
-            peak = max(float(array.max()), 1.0)
-            image = Image.fromarray((array * (255.0 / (65535.0 if peak > 255 else 255.0))).clip(0, 255).astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image)
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
+LISTED = 5  # files / annotation ids named in one warning
 
 class CocoDetection(Dataset):
     """COCO-format dataset returning transform-ready samples.
@@ -83,12 +47,16 @@ class CocoDetection(Dataset):
     ``with_masks``), ``image_id`` (original id) and ``orig_size`` (``(h, w)`` of the decoded image).
 
     Args:
-        images_dir / annotation_file: COCO layout; LVIS entries without ``file_name`` are found from ``coco_url``.
+        images_dir / annotation_file: COCO layout (``.json`` or ``.json.gz``); LVIS entries without ``file_name``
+            are found from ``coco_url``.
         transform: ``callable(sample) -> sample`` (e.g. the LSJ / DETR pipelines).
         mix: optional ``callable(sample, other_sample) -> sample`` applied after ``transform`` with another random
             image (Copy-Paste).
         min_size: drop images whose json width or height is below it (reference 32).
         max_retries: how many other images to try when one cannot be read or loses all its boxes.
+        max_image_pixels: images with more pixels are skipped (None: PIL's decompression-bomb limit).
+        max_boxes_per_image: images with more usable boxes are dropped before training (None: no limit).
+        for_evaluation: the file is scored by COCO evaluation: unique integer annotation / image ids are required.
     """
 
     def __init__(
@@ -100,20 +68,37 @@ class CocoDetection(Dataset):
         mix: Callable[[dict, dict], dict] | None = None,
         min_size: int = 32,
         max_retries: int = 20,
+        max_image_pixels: int | None = None,
+        max_boxes_per_image: int | None = None,
+        for_evaluation: bool = False,
     ):
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images_dir}")
         self.annotation_file = Path(annotation_file)
-        data = read_coco_json(self.annotation_file)
+        data = load_json(self.annotation_file)
+        self.stats: Counter = check_coco(data, self.annotation_file, for_evaluation)
         self.transform, self.mix, self.with_masks, self.max_retries = transform, mix, with_masks, max_retries
+        self.max_image_pixels = max_image_pixels
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
         self.class_names = [str(c.get("name", c["id"])) for c in categories]
         self.label_of = {cid: i for i, cid in enumerate(self.category_ids)}
-        self.stats: Counter = Counter()
-        self.images, seen = [], set()
-        for image in data["images"]:
+        self.lvis_format = bool(data["images"]) and "not_exhaustive_category_ids" in data["images"][0]
+        self.images = self._usable_images(data["images"], min_size)
+        self.annotations = self._usable_annotations(data["annotations"])
+        if with_masks:
+            self._drop_unusable_segmentations()
+        if max_boxes_per_image is not None:
+            self._drop_crowded_images(max_boxes_per_image)
+        if not self.images:
+            raise ValueError(f"{self.annotation_file}: no usable images (empty dataset)")
+        self._warned: set[str] = set()
+        self._report()
+
+    def _usable_images(self, images: list[dict], min_size: int) -> list[dict]:
+        kept, seen = [], set()
+        for image in images:
             if image["id"] in seen:
                 self.stats["duplicate image ids dropped"] += 1
                 continue
@@ -121,38 +106,86 @@ class CocoDetection(Dataset):
             if min(image["width"], image["height"]) < min_size:
                 self.stats[f"images smaller than {min_size} px dropped"] += 1
                 continue
-            self.images.append(image)
-        kept_ids = {image["id"] for image in self.images}
-        self.annotations: dict[int, list[dict]] = {image["id"]: [] for image in self.images}
-        for ann in data["annotations"]:
-            if ann.get("image_id") not in kept_ids:
+            kept.append(image)
+        return kept
+
+    def _usable_annotations(self, annotations: list[dict]) -> dict[int, list[dict]]:
+        """Training targets per kept image id (orphans were counted by :func:`check_coco`)."""
+        per_image: dict[int, list[dict]] = {image["id"]: [] for image in self.images}
+        for ann in annotations:
+            if ann["image_id"] not in per_image:
                 continue
             if ann.get("iscrowd", 0):
                 self.stats["crowd annotations (evaluation only)"] += 1
                 continue
-            if ann.get("category_id") not in self.label_of:
+            if ann["category_id"] not in self.label_of:
                 self.stats["annotations with unknown category ids dropped"] += 1
                 continue
             box = ann.get("bbox")
-            if not box or len(box) != 4 or not all(isinstance(v, int | float) and math.isfinite(v) for v in box):
+            if not box or not all(v is not None and math.isfinite(v) for v in box):
                 self.stats["annotations with missing or non-finite boxes dropped"] += 1
                 continue
             if box[2] <= 0 or box[3] <= 0:
                 self.stats["annotations with zero or negative size dropped"] += 1
                 continue
-            self.annotations[ann["image_id"]].append(ann)
-        if not self.images:
-            raise ValueError(f"{self.annotation_file}: no usable images (empty dataset)")
-        self._report()
+            per_image[ann["image_id"]].append(ann)
+        return per_image
+
+    def _drop_unusable_segmentations(self) -> None:
+        """Segmentations pycocotools cannot use (checked against the json size) become box-shaped masks."""
+        named: list[str] = []
+        for image in self.images:
+            anns = self.annotations[image["id"]]
+            for index, ann in enumerate(anns):
+                problem = segmentation_problem(ann.get("segmentation"), int(image["height"]), int(image["width"]))
+                if problem is None:
+                    continue
+                anns[index] = {**ann, "segmentation": None}
+                self.stats["unusable segmentations replaced by box masks"] += 1
+                if len(named) < LISTED:
+                    named.append(f"annotation {ann.get('id', '?')} of {image.get('file_name', image['id'])} "
+                                 f"({problem})")
+        if named:
+            log.warning("%s: %d segmentation(s) cannot be used, their boxes get box-shaped masks: %s%s",
+                        self.annotation_file, self.stats["unusable segmentations replaced by box masks"],
+                        "; ".join(named), " ..." if self.stats["unusable segmentations replaced by box masks"]
+                        > len(named) else "")
+
+    def _drop_crowded_images(self, max_boxes: int) -> None:
+        crowded = [image for image in self.images if len(self.annotations[image["id"]]) > max_boxes]
+        if not crowded:
+            return
+        dropped = {image["id"] for image in crowded}
+        self.images = [image for image in self.images if image["id"] not in dropped]
+        self.stats[f"images with more than {max_boxes} boxes dropped"] += len(crowded)
+        names = ", ".join(f"{image.get('file_name', image['id'])} ({len(self.annotations[image['id']])} boxes)"
+                          for image in crowded[:LISTED])
+        log.warning("%s: %d image(s) have more than %d boxes (data.datamodule.max_boxes_per_image) and are not "
+                    "trained on: %s%s", self.annotation_file, len(crowded), max_boxes, names,
+                    " ..." if len(crowded) > LISTED else "")
+        for image_id in dropped:
+            del self.annotations[image_id]
 
     def _report(self) -> None:
         if self.stats:
             details = "; ".join(f"{n} {what}" for what, n in sorted(self.stats.items()))
             log.warning("%s: %s", self.annotation_file.name, details)
 
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        """Counts ``kind``; the first occurrence (per process) is logged with ``message``."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(message + " (further cases are counted in dataset.stats['%s'])", *args, kind)
+        self.stats[kind] += 1
+
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def num_boxes(self) -> int:
+        """Training targets left after the checks (crowd / bad / orphaned annotations excluded)."""
+        return sum(len(anns) for anns in self.annotations.values())
 
     def __len__(self) -> int:
         return len(self.images)
@@ -170,7 +203,8 @@ class CocoDetection(Dataset):
     def load(self, index: int) -> dict:
         """Decoded image and its cleaned annotations (no transform)."""
         entry = self.images[index]
-        image = load_rgb(self.image_path(entry))
+        path = self.image_path(entry)
+        image = load_rgb(path, self.max_image_pixels)
         height, width = image.shape[-2:]
         if (height, width) != (entry["height"], entry["width"]):
             self.stats["images whose size differs from the json (boxes clipped to the real size)"] += 1
@@ -192,44 +226,45 @@ class CocoDetection(Dataset):
         }
         if self.with_masks:
             kept = [a for a, k in zip(anns, keep.tolist()) if k]
-            sample["masks"] = tv_tensors.Mask(self._masks(kept, height, width, boxes[keep]))
+            sample["masks"] = tv_tensors.Mask(self._masks(kept, height, width, boxes[keep], path))
         return sample
 
-    @staticmethod
-    def _masks(anns: list[dict], height: int, width: int, boxes: torch.Tensor) -> torch.Tensor:
-        """Instance masks ``(N, H, W)`` uint8 from polygons / RLE; a box-shaped mask when none is given."""
-        from pycocotools import mask as mask_utils
-
+    def _masks(self, anns: list[dict], height: int, width: int, boxes: torch.Tensor, path: Path) -> torch.Tensor:
+        """Instance masks ``(N, H, W)`` uint8 from polygons / RLE; a box-shaped mask when there is none or it cannot
+        be decoded at the decoded image size (counted, the first case named)."""
         masks = torch.zeros(len(anns), height, width, dtype=torch.uint8)
         for i, ann in enumerate(anns):
             segmentation = ann.get("segmentation")
             if segmentation:
-                if isinstance(segmentation, list):
-                    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-                elif isinstance(segmentation.get("counts"), list):
-                    rle = mask_utils.frPyObjects(segmentation, height, width)
-                else:
-                    rle = segmentation
-                with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword notice, not ours
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded = torch.from_numpy(mask_utils.decode(rle))
-                if decoded.shape == masks.shape[1:]:
-                    masks[i] = decoded
-                    continue
+                problem = segmentation_problem(segmentation, height, width)
+                if problem is None:
+                    try:
+                        masks[i] = decode_segmentation(segmentation, height, width)
+                        continue
+                    except Exception as error:  # noqa: BLE001 - pycocotools raises bare Exception / TypeError
+                        problem = f"pycocotools: {error}"
+                self._warn_once("segmentations not decodable at load time (box masks used)",
+                                "%s: annotation %s: %s; a box-shaped mask is used", path, ann.get("id", "?"), problem)
             x1, y1, x2, y2 = boxes[i].round().int().tolist()
             masks[i, y1:y2, x1:x2] = 1
         return masks
 
     def _prepared(self, index: int) -> dict | None:
         """The transformed sample, or None when the image cannot be read or the pipeline discards it."""
+        path = self.image_path(self.images[index])
         try:
             sample = self.load(index)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for broken / non-image files
-            if self.stats["unreadable images skipped"] == 0:
-                log.warning("cannot read %s (%s); skipping it and drawing another image (further unreadable images "
-                            "are skipped silently and counted in dataset.stats)", self.image_path(self.images[index]),
+        except ImageTooLargeError as error:
+            self._warn_once("images over the pixel limit skipped", "%s; skipping it and drawing another image",
                             error)
-            self.stats["unreadable images skipped"] += 1
+            return None
+        except UnsupportedPixelValuesError as error:
+            self._warn_once("images with unmappable pixel values skipped", "%s; skipping it and drawing another "
+                            "image", error)
+            return None
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for broken / non-image files
+            self._warn_once("unreadable images skipped", "cannot read %s (%s); skipping it and drawing another "
+                            "image", path, error)
             return None
         if self.transform is not None:
             sample = self.transform(sample)

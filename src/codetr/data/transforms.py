@@ -12,6 +12,7 @@ keys ``image_size`` ``(h, w)`` and ``scale_factor`` ``(w_scale, h_scale)``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -281,6 +282,15 @@ def detr_train(scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), m
 def detr_test(test_scale: int = 800, test_max_size: int = 1333, **_: object) -> Pipeline:
     return Pipeline([KeepRatioResize([test_scale], max_size=test_max_size, antialias=True), v2.ClampBoundingBoxes(),
                      RecordResize()])
+
+
+def pipeline_keys(name: str) -> set[str]:
+    """The ``aug`` keys the train and test pipelines of augmentation ``name`` read (their parameters)."""
+    builders = {"lsj": (lsj_train, lsj_test), "detr": (detr_train, detr_test)}
+    if name not in builders:
+        raise ValueError(f"unknown augmentation {name!r}: choose lsj or detr")
+    return {parameter.name for builder in builders[name] for parameter in inspect.signature(builder).parameters.values()
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
 def build_pipeline(aug: Mapping, train: bool) -> Pipeline:

@@ -10,12 +10,15 @@ import contextlib
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from faster_coco_eval import COCO, COCOeval_faster
+
+from codetr.data.annotations import load_json
 
 log = logging.getLogger(__name__)
 COCO_KEYS = {"AP_all": "AP", "AP_50": "AP50", "AP_75": "AP75", "AP_small": "APs", "AP_medium": "APm",
@@ -26,7 +29,7 @@ class CocoEvaluator:
     """Accumulates detections and computes box AP.
 
     Args:
-        annotation_file: ground-truth COCO / LVIS json (original annotations).
+        annotation_file: ground-truth COCO / LVIS json, or gzipped json (original annotations).
         category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted json ids.
         lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections per image).
         max_detections: detections per image kept for evaluation (COCO 100 by protocol; LVIS 300).
@@ -81,8 +84,17 @@ class CocoEvaluator:
                 for detections in per_image.values() for r in detections]
 
     def _load_gt(self) -> COCO:
+        """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes annotations by
+        id, so a duplicate silently replaces another box and changes AP."""
+        data = load_json(self.annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(self.annotation_file))
+            gt = COCO(data)
+        if len(gt.anns) != len(data.get("annotations", [])):
+            counts = Counter(ann.get("id") for ann in data["annotations"])
+            repeated = sorted((i for i, n in counts.items() if n > 1), key=str)
+            raise ValueError(f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
+                             f"{repeated[:5]}); COCO evaluation needs unique ids")
+        return gt
 
     def compute(self, results_file: str | Path | None = None) -> dict[str, float]:
         """AP metrics over the images seen by all ranks (every rank returns the same numbers)."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from codetr.data import normalize_images
 from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
-from codetr.lightning.optim import build_optimizer, build_schedulers
+from codetr.lightning.optim import build_optimizer, build_schedulers, check_optim_config
 from codetr.lightning.strategies import FullyShardedStrategy
 from codetr.models.losses.matcher import tolerate_nonfinite_costs
 
@@ -81,6 +81,7 @@ class CoDETRModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
     ):
         super().__init__()
+        check_optim_config(optimizer, scheduler)
         self.detector = detector
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from codetr.utils.config_keys import check_known_keys
+
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
@@ -62,6 +64,18 @@ def param_groups(
             groups[key] = {"params": [], "lr": lr * scale, "weight_decay": decay, "lr_scale": scale, "name": label}
         groups[key]["params"].append(param)
     return sorted(groups.values(), key=lambda g: (-g["lr_scale"], -g["weight_decay"]))
+
+
+OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps", "backbone_lr_mult", "layer_decay", "layer_decay_num_layers",
+                  "no_decay_1d", "fused")
+# milestone_table is read by the config itself (the milestones interpolation), not by the code.
+SCHEDULER_KEYS = ("milestones", "gamma", "warmup_iters", "warmup_ratio", "milestone_table")
+
+
+def check_optim_config(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
+    """Refuse keys :func:`build_optimizer` / :func:`build_schedulers` would ignore (e.g. ``optimizer.learning_rate``)."""
+    check_known_keys(optimizer, OPTIMIZER_KEYS, "optimizer")
+    check_known_keys(scheduler, SCHEDULER_KEYS, "scheduler")
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.AdamW:

@@ -31,10 +31,26 @@ def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, 
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
-def load_detector_weights(detector: nn.Module, path: str | Path, prefer_ema: bool = True) -> list[str]:
+def load_detector_weights(detector: nn.Module, path: str | Path, prefer_ema: bool = True,
+                          same_classes: bool = False) -> list[str]:
     """Load ``path`` into ``detector`` (:func:`codetr.convert.load_detector_weights` rules): class-dependent tensors
     whose shape differs (another number of classes, e.g. Objects365 -> COCO) keep their fresh initialisation and
-    are returned; any other missing / unexpected key or shape mismatch raises."""
+    are returned; any other missing / unexpected key or shape mismatch raises.
+
+    With ``same_classes`` (evaluation: re-initialised class heads would score a random classifier) a checkpoint
+    trained for another number of classes raises ``ValueError`` naming the file and both numbers."""
+    from codetr.convert import is_class_dependent, num_classes_of
     from codetr.convert import load_detector_weights as load_converted
 
-    return load_converted(detector, read_detector_state(path, prefer_ema), strict_classes=False)
+    state = read_detector_state(path, prefer_ema)
+    if same_classes:
+        own = detector.state_dict()
+        differing = sorted(k for k in own if is_class_dependent(k) and (k not in state or state[k].shape != own[k].shape))
+        if differing:
+            theirs, ours = num_classes_of(state), num_classes_of(own)
+            raise ValueError(
+                f"{path} was trained for {theirs if theirs is not None else 'an unknown number of'} classes, the "
+                f"config / dataset has {ours} (data.num_classes): evaluate it with the dataset and class count it was "
+                f"trained on (differing class-dependent tensors: {', '.join(differing[:4])}"
+                f"{' ...' if len(differing) > 4 else ''})")
+    return load_converted(detector, state, strict_classes=False)
