@@ -123,7 +123,7 @@ def read_description(checkpoint: Mapping[str, Any], path: str | Path) -> ModelDe
             f"{path} does not describe its model (no '{CHECKPOINT_KEY}' entry: it was written before codetr stored "
             f"one, or it is a bare state dict). Name the recipe it was trained with: "
             f"Detector.from_checkpoint(path, recipe='<experiment>', overrides=[...]) in Python, or add the "
-            f"description to the file for good: python -m codetr.convert --describe {path} --recipe <experiment> "
-            f"[--override key=value ...]"
+            f"description to the file for good: python -m codetr.convert {path} <new.ckpt> --recipe <experiment> "
+            f"[--override key=value ...] [--class-names names.txt]"
         )
     return ModelDescription.from_dict(data, str(path))

@@ -106,21 +106,28 @@ def export_detector(detector: Detector, path: str | Path, format: str = "onnx",
     ``torch.export.load``) or ``aoti`` (AOTInductor package, load with ``torch._inductor.aoti_load_package``)."""
     if format not in FORMATS:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    return write_program(export_program(inference_model(detector)), path, format,
+                         json.dumps(detector.description.to_dict()), opset)
+
+
+def write_program(program: Any, path: str | Path, format: str, description: str = "{}",
+                  opset: int = 18) -> Path:
+    """Save an exported program (:func:`export_program`) in ``format`` with the description JSON beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    description = json.dumps(detector.description.to_dict())
-    program = export_program(inference_model(detector))
     if format == "onnx":
         onnx_program = torch.onnx.export(program, f=None, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                                         opset_version=opset, dynamo=True)
-        onnx_program.save(str(path), include_initializers=True, keep_initializers_as_inputs=False)
+                                         opset_version=opset, dynamo=True, verbose=False)
+        onnx_program.save(str(path))
         _add_onnx_metadata(path, {"codetr_model": description})
     elif format == "torch-export":
         torch.export.save(program, str(path), extra_files={DESCRIPTION_FILE: description})
-    else:
+    elif format == "aoti":
         from torch._inductor import aoti_compile_and_package
 
         aoti_compile_and_package(program, package_path=str(path))
+    else:
+        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
     return path
 
 

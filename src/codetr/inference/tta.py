@@ -4,12 +4,15 @@ The official code has no TTA. Here every view runs the normal inference (test pi
 size, optionally on the mirrored image); its detections are mapped back to the original image (flip undone) and the
 views are merged per image by
 
-* ``wbf``: weighted box fusion (Solovyev et al. 2021): detections of one class are clustered greedily by score
-  (IoU with the cluster's fused box above ``iou_threshold``); a cluster's box is the score-weighted mean of its
-  boxes, its score the mean score times ``min(count, views) / views`` (a box only one view found loses weight);
+* ``wbf``: weighted box fusion (after Solovyev et al. 2021): detections of one class are clustered greedily by
+  score (IoU with the cluster's fused box above ``iou_threshold``); a cluster's box is the score-weighted mean of
+  its boxes, its score the mean over views of each view's best score in it (a view that did not find the object
+  adds 0). The paper's mean over all members would let the many low-score duplicates of a DETR's 300 detections
+  drag a well-found object down;
 * ``soft_nms``: the class-aware linear soft-NMS of the main head's post-processing over all views' detections.
 
-Both keep the best ``max_per_image``.
+Detections below ``min_score`` are dropped first (they cannot change a merged score much and cost time); both
+keep the best ``max_per_image``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class TTAConfig:
     flip: bool = True
     merge: str = "wbf"
     iou_threshold: float = 0.55
-    soft_nms_min_score: float = 1e-3
+    min_score: float = 1e-3
     max_per_image: int = 300
 
     def __post_init__(self) -> None:
@@ -79,35 +82,34 @@ def _iou_one_to_many(box: Tensor, boxes: Tensor) -> Tensor:
 
 
 def weighted_box_fusion(
-    boxes: Tensor, scores: Tensor, labels: Tensor, num_views: int, iou_threshold: float = 0.55
+    boxes: Tensor, scores: Tensor, labels: Tensor, views: Tensor, num_views: int, iou_threshold: float = 0.55
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fuse ``(N, 4)`` xyxy boxes (all views together) with ``(N,)`` scores and labels; see the module doc.
-    Returns fused boxes ``(M, 4)``, scores ``(M,)`` (descending) and labels ``(M,)``."""
+    """Fuse ``(N, 4)`` xyxy boxes of all views with their ``(N,)`` scores, labels and view indices (``0..V-1``);
+    see the module doc. Returns fused boxes ``(M, 4)``, scores ``(M,)`` (descending) and labels ``(M,)``."""
     order = scores.argsort(descending=True)
-    boxes, scores, labels = boxes[order].float(), scores[order].float(), labels[order]
+    boxes, scores, labels, views = boxes[order].float(), scores[order].float(), labels[order], views[order]
     weighted = boxes.new_zeros(len(boxes), 4)  # sum of score * box per cluster
     weight = scores.new_zeros(len(boxes))
-    count = scores.new_zeros(len(boxes))
+    best = scores.new_zeros(len(boxes), num_views)  # each view's best score per cluster
     fused = boxes.new_zeros(len(boxes), 4)
     cluster_label = labels.new_full((len(boxes),), -1)
     clusters = 0
-    for box, score, label in zip(boxes, scores, labels):
+    for box, score, label, view in zip(boxes, scores, labels, views.tolist()):
         target = -1
         if clusters:
             ious = _iou_one_to_many(box, fused[:clusters])
             ious = torch.where(cluster_label[:clusters] == label, ious, torch.full_like(ious, -1.0))
-            best = int(ious.argmax())
-            if float(ious[best]) > iou_threshold:
-                target = best
+            nearest = int(ious.argmax())
+            if float(ious[nearest]) > iou_threshold:
+                target = nearest
         if target < 0:
             target, clusters = clusters, clusters + 1
             cluster_label[target] = label
         weighted[target] += score * box
         weight[target] += score
-        count[target] += 1
+        best[target, view] = torch.maximum(best[target, view], score)
         fused[target] = weighted[target] / weight[target]
-    count, weight = count[:clusters], weight[:clusters]
-    fused_scores = weight / count * count.clamp(max=num_views) / num_views
+    fused_scores = best[:clusters].mean(1)
     order = fused_scores.argsort(descending=True)
     return fused[:clusters][order], fused_scores[order], cluster_label[:clusters][order]
 
@@ -117,10 +119,14 @@ def merge_views(views: Sequence[dict[str, Tensor]], config: TTAConfig) -> dict[s
     boxes = torch.cat([v["boxes"].float() for v in views])
     scores = torch.cat([v["scores"].float() for v in views])
     labels = torch.cat([v["labels"] for v in views])
+    view_index = torch.cat([torch.full((len(v["scores"]),), i, dtype=torch.long) for i, v in enumerate(views)])
+    kept = scores >= config.min_score
+    boxes, scores, labels, view_index = boxes[kept], scores[kept], labels[kept], view_index[kept]
     if config.merge == "wbf":
-        boxes, scores, labels = weighted_box_fusion(boxes, scores, labels, len(views), config.iou_threshold)
+        boxes, scores, labels = weighted_box_fusion(boxes, scores, labels, view_index, len(views),
+                                                    config.iou_threshold)
     else:
-        keep, scores = soft_nms(boxes, scores, labels, config.iou_threshold, config.soft_nms_min_score)
+        keep, scores = soft_nms(boxes, scores, labels, config.iou_threshold, config.min_score)
         boxes, labels = boxes[keep], labels[keep]
     keep = slice(0, config.max_per_image)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
