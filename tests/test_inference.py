@@ -151,3 +151,17 @@ def test_tta_merge_drops_low_scores_and_keeps_max_per_image():
         TTAConfig(merge="vote")
     with pytest.raises(ValueError, match="unknown tta keys"):
         TTAConfig.from_mapping({"scale": [1.0]})
+
+
+def test_convert_with_a_recipe_adds_the_description_to_an_older_checkpoint(tiny, tmp_path):
+    from codetr.convert import main as convert_main
+
+    model, _ = tiny
+    old = save_checkpoint(tmp_path / "old.ckpt", model, None)
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\n")
+    assert convert_main([str(old), str(tmp_path / "new.ckpt"), "--recipe", "demo", "--override", TINY_TEST[0],
+                         "--class-names", str(tmp_path / "names.txt")]) == 0
+    detector = Detector.from_checkpoint(tmp_path / "new.ckpt")
+    assert detector.class_names == ["a", "b", "c", "d"] and detector.description.recipe == "demo"
+    expected = Detector(model, detector.description).predict(image(70, 70))
+    torch.testing.assert_close(detector.predict(image(70, 70)).boxes, expected.boxes)
