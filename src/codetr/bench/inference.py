@@ -97,7 +97,7 @@ def run(device: str = "cpu", repeats: int = 2) -> list[Measurement]:
     if device != "cpu":
         return [Measurement("inference engines", {"device": device}, [], None, {"skipped": "CPU suite"})]
     official_s = official_timings().get("r50_512", {}).get("eval_forward_median_s")
-    aoti_timeout = float(os.environ.get("CODETR_BENCH_AOTI_TIMEOUT", 900))
+    aoti_timeout = float(os.environ.get("CODETR_BENCH_AOTI_TIMEOUT", "900"))
     rows: list[Measurement] = []
     with tempfile.TemporaryDirectory() as tmp:
         artifacts: dict[str, tuple[str | None, dict]] = {"eager": (None, {})}
