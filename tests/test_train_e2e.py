@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from codetr import Detector
 from codetr.evaluate import evaluate
 from codetr.predict import predict
 from codetr.train import train
@@ -52,6 +53,11 @@ def test_train_checkpoint_resume_evaluate_predict(compose_cfg, tmp_path):
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2 and state["epoch"] == 0  # the epoch-end checkpoint of epoch 0
     assert all(k.startswith("detector.") for k in state["state_dict"])
+    # the checkpoint describes its model: the Python API rebuilds it without Hydra, with the dataset's names
+    assert state["codetr_model"]["class_names"] == ["circle", "square", "triangle", "diamond"]
+    detector = Detector.from_checkpoint(last)
+    image = run_dir / "demo_data" / "val" / min(p.name for p in (run_dir / "demo_data" / "val").iterdir())
+    assert set(detector.predict(image).names) <= {"circle", "square", "triangle", "diamond"}
 
     # resume: the second epoch continues from step 2 with the restored optimiser state
     metrics, _ = _short_run(compose_cfg, [f"ckpt_path={last}", "trainer.max_epochs=2"])

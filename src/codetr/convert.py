@@ -1,6 +1,7 @@
 """Official Co-DINO checkpoint (mmdet-3 port or original Sense-X repo) -> codetr checkpoint.
 
-    python -m codetr.convert SRC.pth DST.ckpt [--num-classes K] [--expected TABLE]
+    python -m codetr.convert SRC.pth DST.ckpt [--num-classes K] [--expected TABLE] [--recipe EXPERIMENT
+        [--override key=value ...] [--class-names FILE]]
 
 Reads ``SRC`` with ``torch.load(weights_only=True)`` (a pickle with code is refused, naming the file), takes the
 state dict out of ``{"state_dict": ...}`` (``meta`` / ``optimizer`` / ``message_hub`` ignored) or a bare dict,
@@ -24,6 +25,12 @@ Every key is accounted for: keys that no rule knows, and (with an expected ``key
 :class:`ConversionError` listing them. With ``num_classes`` different from the checkpoint's, the class-dependent
 tensors (``cls_branches``, DN label embedding, ATSS ``atss_cls``, RoI ``fc_cls`` / ``fc_reg``) are dropped and listed
 (the model keeps its fresh initialisation for them; see :func:`load_detector_weights`).
+
+With ``--recipe`` the output also describes its model (``codetr_model``: the recipe's detector config, test
+resizing, normalisation and the class names of ``--class-names``, a text file with one name per line or a JSON
+list), so that :class:`codetr.inference.Detector` and ``python -m codetr.export`` can rebuild it without Hydra; the
+recipe's model is built and the converted weights are checked against it. ``SRC`` may also be a codetr checkpoint
+written before checkpoints carried that description (its EMA weights preferred): it is copied with one added.
 """
 
 from __future__ import annotations
@@ -251,15 +258,27 @@ def read_expected_table(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {rename_key(k): codetr_shape(rename_key(k), s) for k, s in table.items()}
 
 
+def source_state(raw: Mapping) -> dict[str, Tensor]:
+    """The state dict to convert: an official checkpoint's, or a codetr checkpoint's detector (EMA preferred)."""
+    from codetr.utils.checkpoints import detector_state
+
+    containers = [raw.get(k) for k in ("ema_state_dict", "state_dict")]
+    if any(isinstance(c, Mapping) and any(str(k).startswith(PREFIX) for k in c) for c in containers):
+        return detector_state(raw, prefer_ema=True)
+    return unwrap_state_dict(raw)
+
+
 def convert_file(
     src: str | Path,
     dst: str | Path | None = None,
     num_classes: int | None = None,
     expected: Mapping[str, Sequence[int]] | None = None,
+    description: Mapping | None = None,
 ) -> Conversion:
-    """Read ``src`` safely, convert, and (with ``dst``) write the codetr checkpoint."""
+    """Read ``src`` safely, convert, and (with ``dst``) write the codetr checkpoint (with ``description``, the
+    :class:`codetr.inference.ModelDescription` dict of its model, under ``codetr_model``)."""
     raw = load_weights_file(src)
-    conversion = convert_state_dict(unwrap_state_dict(raw), expected=expected, num_classes=num_classes)
+    conversion = convert_state_dict(source_state(raw), expected=expected, num_classes=num_classes)
     if dst is not None:
         meta = {
             "source": str(src),
@@ -273,7 +292,10 @@ def convert_file(
         }
         state = {PREFIX + k: v.contiguous() for k, v in conversion.state_dict.items()}
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": state, "codetr_meta": meta}, dst)
+        checkpoint = {"state_dict": state, "codetr_meta": meta}
+        if description is not None:
+            checkpoint["codetr_model"] = dict(description)
+        torch.save(checkpoint, dst)
     return conversion
 
 
@@ -300,6 +322,31 @@ def load_detector_weights(model: nn.Module, state_dict: Mapping[str, Tensor], st
     return reinit
 
 
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a JSON list or a text file with one name per line (blank lines ignored)."""
+    text = Path(path).read_text()
+    if Path(path).suffix == ".json":
+        names = json.loads(text)
+        if not isinstance(names, list):
+            raise ValueError(f"{path}: expected a JSON list of class names")
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def recipe_description(recipe: str, overrides: Sequence[str], class_names_file: str | None,
+                       num_classes: int | None) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """The description of ``recipe``'s model and its ``key -> shape`` table (to check the weights against)."""
+    from codetr.inference.description import describe_recipe
+    from codetr.inference.detector import build_model
+
+    names = read_class_names(class_names_file) if class_names_file else None
+    if names and num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{class_names_file}: {len(names)} class names but --num-classes {num_classes}")
+    description = describe_recipe(recipe, overrides, names, num_classes)
+    model = build_model(description)
+    return description.to_dict(), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m codetr.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="official mmdet-3 / original Co-DINO checkpoint (.pth)")
@@ -308,11 +355,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="target number of classes; class-dependent tensors are dropped when it differs")
     parser.add_argument("--expected", default=None,
                         help="key/shape table to check against (TSV key<TAB>[shape] or JSON; mmdet or codetr names)")
+    parser.add_argument("--recipe", default=None,
+                        help="experiment whose model the weights are for (e.g. co_dino_r50_lsj_1x): stored with them")
+    parser.add_argument("--override", action="append", default=[], help="config override for --recipe (repeatable)")
+    parser.add_argument("--class-names", default=None, help="class names: text file (one per line) or JSON list")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     expected = read_expected_table(args.expected) if args.expected else None
     try:
-        conv = convert_file(args.src, args.dst, num_classes=args.num_classes, expected=expected)
+        description = None
+        if args.recipe:
+            description, model_table = recipe_description(args.recipe, args.override, args.class_names,
+                                                          args.num_classes)
+            expected = expected or model_table
+        conv = convert_file(args.src, args.dst, num_classes=args.num_classes, expected=expected,
+                            description=description)
     except (ConversionError, ValueError, FileNotFoundError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

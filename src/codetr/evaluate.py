@@ -4,6 +4,10 @@ Builds the data and the detector from the config, loads the weights (Lightning o
 ``torch.load(weights_only=True)``), runs the split through the main head, prints the COCO / LVIS AP table and writes
 ``results.json`` (COCO result format: ``image_id``, ``category_id``, ``bbox`` xywh in original pixels, ``score``)
 and ``metrics.json``.
+
+With test-time augmentation (``tta=flip`` / ``tta=multiscale``, :mod:`codetr.inference.tta`) the split runs through
+:class:`codetr.inference.Detector` in this one process (no Lightning trainer, no DDP): every original image is
+seen at each view and the merged detections are scored.
 """
 
 from __future__ import annotations
@@ -65,11 +69,42 @@ class RecordingEvaluator:
         return self.records
 
 
+def evaluate_with_tta(cfg: DictConfig, datamodule: Any, stage: str) -> tuple[dict[str, float], list[dict]]:
+    """AP of the TTA-merged detections over the split's original images (unreadable images skipped, counted)."""
+    from codetr.inference.config import detector_from_config
+
+    split = "test" if stage == "test" else "val"
+    dataset = datamodule.datasets[split]
+    detector = detector_from_config(cfg)
+    recorder = RecordingEvaluator(datamodule.evaluator(stage), getattr(datamodule, "category_ids", None))
+    batch_size, unreadable = int(cfg.data.datamodule.get("val_batch_size", 1) or 1), 0
+    for start in range(0, len(dataset), batch_size):
+        samples = []
+        for index in range(start, min(start + batch_size, len(dataset))):
+            try:
+                samples.append(dataset.load(index))
+            except (OSError, ValueError, SyntaxError) as error:
+                unreadable += 1
+                log.warning("skipping %s: %s", dataset.image_path(dataset.images[index]), error)
+        if samples:
+            images = [s["image"].as_subclass(torch.Tensor) for s in samples]
+            found = detector.detect(images, detector.tta, cfg.get("precision"))
+            recorder.update([s["image_id"] for s in samples], found)
+    if unreadable:
+        log.warning("%d unreadable images were not evaluated", unreadable)
+    return recorder.compute(), recorder.results()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_targets(cfg)
     datamodule = build_datamodule(cfg)
     stage = "test" if cfg.split == "test" else "validate"
     datamodule.setup(stage)
+    split = "test" if stage == "test" else "val"
+    if cfg.get("tta"):
+        metrics, records = evaluate_with_tta(cfg, datamodule, stage)
+        write_outputs(cfg, metrics, records, split, f"{cfg.ckpt_path}, TTA")
+        return metrics
     module = build_module(cfg, datamodule)
     load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, same_classes=True)
     recorders: dict[str, RecordingEvaluator] = {}
@@ -86,15 +121,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         trainer.validate(module, datamodule=datamodule)
     metrics = dict(getattr(module, "last_metrics", {}) or {})
-    split = "test" if stage == "test" else "val"
     records = recorders[split].results() if split in recorders else []
     if trainer.is_global_zero:
-        for path, payload in ((cfg.results_file, records), (cfg.metrics_file, metrics)):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(json.dumps(payload))
-        print_metrics(metrics, title=f"{split} box AP ({cfg.ckpt_path})")
-        log.info("wrote %d detections to %s", len(records), cfg.results_file)
+        write_outputs(cfg, metrics, records, split, str(cfg.ckpt_path))
     return metrics
+
+
+def write_outputs(cfg: DictConfig, metrics: dict[str, float], records: list[dict], split: str, title: str) -> None:
+    for path, payload in ((cfg.results_file, records), (cfg.metrics_file, metrics)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload))
+    print_metrics(metrics, title=f"{split} box AP ({title})")
+    log.info("wrote %d detections to %s", len(records), cfg.results_file)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://codetr.conf", config_name="evaluate")

@@ -36,6 +36,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule:
+    from codetr.inference.description import describe
     from codetr.lightning import CoDETRModule  # heavy import kept out of `--cfg` / `--help` paths
 
     detector = instantiate_checked(cfg.model.detector)
@@ -49,6 +50,8 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
                                 dynamic=compile_cfg.dynamic, backend=compile_cfg.backend)
         log.info("torch.compile (%s, lazy): %s", compile_cfg.backend, ", ".join(names))
     class_names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+    category_ids = getattr(datamodule, "category_ids", None) if datamodule is not None else None
+    description = describe(cfg, class_names, category_ids).to_dict()
     nonfinite = cfg.get("nonfinite")  # train.yaml only: evaluation and prediction never take an optimiser step
     guard = {} if nonfinite is None else {"check_finite": nonfinite.check,
                                           "max_consecutive_nonfinite": nonfinite.max_consecutive}
@@ -59,6 +62,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
         pixel_mean=list(cfg.data.pixel_mean),
         pixel_std=list(cfg.data.pixel_std),
         class_names=class_names,
+        description=description,
         **guard,
     )
 

@@ -1,14 +1,18 @@
-"""Drawing detections on images (torchvision.utils.draw_bounding_boxes) and saving them as PNG."""
+"""Drawing detections on images (PIL ``ImageDraw`` with its scalable default font) and saving them as PNG.
+
+torchvision's ``draw_bounding_boxes`` only scales its font with a TrueType file path, which a fresh machine may
+not have; PIL bundles a scalable font (``ImageFont.load_default(size)``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 # A fixed, readable palette; class k uses colour k mod len(PALETTE).
 PALETTE = [
@@ -18,6 +22,18 @@ PALETTE = [
 ]
 
 
+def line_and_font_size(height: int, width: int) -> tuple[int, int]:
+    """Box line width and label font size (px) that stay readable at any image size: 2 px / 12 px up to a
+    ~640 px long side, then growing with it (a 4000 px photo gets 12 px lines and 89 px labels)."""
+    long_side = max(height, width)
+    return max(2, round(long_side / 320)), max(12, round(long_side / 45))
+
+
+def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    luminance = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
 def draw_detections(
     image: Tensor,
     boxes: Tensor,
@@ -25,11 +41,14 @@ def draw_detections(
     scores: Tensor | None = None,
     class_names: Sequence[str] | None = None,
     score_threshold: float = 0.3,
-    width: int = 2,
+    width: int | None = None,
+    font_size: int | None = None,
 ) -> Tensor:
     """Boxes on a uint8 ``(3, H, W)`` image. ``boxes`` ``(N, 4)`` xyxy in that image's pixels, ``labels`` ``(N,)``
     contiguous class indices, ``scores`` ``(N,)`` (detections below ``score_threshold`` are not drawn; ground truth
-    passes ``scores=None``). Returns a new uint8 ``(3, H, W)`` tensor."""
+    passes ``scores=None``). Each label ("name score") sits on a filled box of its class colour above the box (inside
+    it at the top edge); line width and font size scale with the image (:func:`line_and_font_size`) unless given.
+    Returns a new uint8 ``(3, H, W)`` tensor."""
     if image.dtype != torch.uint8:
         raise TypeError(f"draw_detections expects a uint8 image, got {image.dtype}")
     boxes, labels = boxes.detach().cpu().float(), labels.detach().cpu().long()
@@ -41,13 +60,27 @@ def draw_detections(
     if not len(boxes):
         return image.clone()
     height, width_img = image.shape[-2:]
+    auto_width, auto_font = line_and_font_size(height, width_img)
+    width, font_size = width or auto_width, font_size or auto_font
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width_img - 1)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
     names = [class_names[k] if class_names is not None and k < len(class_names) else str(k) for k in labels.tolist()]
     if scores is not None:
         names = [f"{name} {score:.2f}" for name, score in zip(names, scores[keep].tolist())]
-    colors = [PALETTE[k % len(PALETTE)] for k in labels.tolist()]
-    return draw_bounding_boxes(image.cpu(), boxes, labels=names, colors=colors, width=width)
+    canvas = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=font_size)
+    for box, label, text in zip(boxes.tolist(), labels.tolist(), names):
+        colour = PALETTE[label % len(PALETTE)]
+        draw.rectangle(box, outline=colour, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        pad = max(1, font_size // 6)
+        text_w, text_h = right - left + 2 * pad, bottom - top + 2 * pad
+        x = min(max(box[0], 0), max(width_img - text_w, 0))
+        y = box[1] - text_h if box[1] - text_h >= 0 else box[1]  # above the box, or inside when at the top edge
+        draw.rectangle((x, y, x + text_w, y + text_h), fill=colour)
+        draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:

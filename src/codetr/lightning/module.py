@@ -66,6 +66,8 @@ class CoDETRModule(pl.LightningModule):
             terms (:mod:`codetr.lightning.nonfinite`; two host-device transfers per step). Off: no checks.
         max_consecutive_nonfinite: that many skipped steps in a row stop training with ``FloatingPointError``
             (0 = never); the weights stay those of the last good step.
+        description: what rebuilds the detector without Hydra (:class:`codetr.inference.ModelDescription` as a
+            dict); written into every checkpoint as ``checkpoint["codetr_model"]``.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class CoDETRModule(pl.LightningModule):
         evaluator_factory: Callable[[str], Any] | None = None,
         check_finite: bool = True,
         max_consecutive_nonfinite: int = 5,
+        description: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         check_optim_config(optimizer, scheduler)
@@ -92,10 +95,15 @@ class CoDETRModule(pl.LightningModule):
         self.check_finite = check_finite
         self.nonfinite_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
         self._evaluators: dict[str, Any] = {}
+        self.description = dict(description) if description is not None else None
         self.save_hyperparameters(
             {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
              "pixel_std": list(pixel_std), "class_names": self.class_names}
         )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.description is not None:
+            checkpoint["codetr_model"] = self.description
 
     # ------------------------------------------------------------------ helpers
     def normalize(self, batch: Any) -> Tensor:

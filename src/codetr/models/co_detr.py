@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from codetr.models.heads.co_dino_head import CoDINOHead
+from codetr.models.postprocess import PostProcessor
 
 
 def image_padding_mask(image_sizes: Tensor, batch_shape: Sequence[int]) -> Tensor:
     """``(B, H, W)`` bool, True outside each image's valid ``(h, w)`` (top-left aligned)."""
-    height, width = int(batch_shape[0]), int(batch_shape[1])
+    height, width = batch_shape[0], batch_shape[1]  # no int(): keeps traced sizes symbolic (export)
     rows = torch.arange(height, device=image_sizes.device)[None, :, None]
     cols = torch.arange(width, device=image_sizes.device)[None, None, :]
     return (rows >= image_sizes[:, 0, None, None]) | (cols >= image_sizes[:, 1, None, None])
@@ -34,6 +35,9 @@ class CoDETR(nn.Module):
     Returns:
         training: dict of named loss tensors (+ ``acc0``, not a loss); eval: per image
         ``{"boxes" (N, 4) xyxy input pixels, "scores" (N,), "labels" (N,)}``.
+
+    ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
+    export in its deploy mode); None keeps the query head's own decoding settings.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class CoDETR(nn.Module):
         roi_head: Sequence[nn.Module] | None = None,
         bbox_head: Sequence[nn.Module] | None = None,
         use_positive_queries: bool = True,
+        postprocessor: PostProcessor | None = None,
     ):
         super().__init__()
         self.backbone, self.neck, self.query_head = backbone, neck, query_head
@@ -54,6 +59,7 @@ class CoDETR(nn.Module):
         if len(self.roi_head) and rpn_head is None:
             raise ValueError("roi_head needs an rpn_head to produce proposals")
         self.use_positive_queries = use_positive_queries
+        self.postprocessor = postprocessor
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
         return list(self.neck(self.backbone(images)))
@@ -64,10 +70,19 @@ class CoDETR(nn.Module):
         img_mask = image_padding_mask(image_sizes, images.shape[-2:])
         feats = self.extract_features(images)
         if not self.training:
-            return self.query_head.predict(feats, img_mask, image_sizes)
+            if self.postprocessor is None:
+                return self.query_head.predict(feats, img_mask, image_sizes)
+            logits, boxes = self.last_layer_predictions(feats, img_mask)
+            return self.postprocessor(logits, boxes, image_sizes)
         if targets is None:
             raise ValueError("CoDETR in training mode needs targets; call .eval() for predictions")
         return self.losses(feats, img_mask, image_sizes, targets)
+
+    def last_layer_predictions(self, feats: list[Tensor], img_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Main head only (no denoising, no auxiliary head): the last decoder layer's logits ``(B, Q, K)`` and
+        boxes ``(B, Q, 4)`` sigmoid cxcywh normalised by each image's valid size."""
+        logits, boxes, _ = self.query_head(feats, img_mask, None)
+        return logits[-1], boxes[-1]
 
     def losses(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]

@@ -9,7 +9,9 @@ Accepted files (always read with ``torch.load(weights_only=True)``: no pickled c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -20,7 +22,12 @@ PREFIX = "detector."
 
 def read_detector_state(path: str | Path, prefer_ema: bool = True) -> dict[str, Tensor]:
     """Detector state dict (keys without the ``detector.`` prefix) from ``path``."""
-    checkpoint = load_weights_file(path)  # weights_only=True; refuses pickled code with a clear error
+    # weights_only=True; refuses pickled code with a clear error
+    return detector_state(load_weights_file(path), prefer_ema)
+
+
+def detector_state(checkpoint: Mapping[str, Any], prefer_ema: bool = True) -> dict[str, Tensor]:
+    """Detector state dict (keys without the ``detector.`` prefix) from a loaded checkpoint dict."""
     state = checkpoint
     if prefer_ema and isinstance(checkpoint.get("ema_state_dict"), dict):
         state = checkpoint["ema_state_dict"]
@@ -54,3 +61,15 @@ def load_detector_weights(detector: nn.Module, path: str | Path, prefer_ema: boo
                 f"trained on (differing class-dependent tensors: {', '.join(differing[:4])}"
                 f"{' ...' if len(differing) > 4 else ''})")
     return load_converted(detector, state, strict_classes=False)
+
+
+def load_detector_weights_from(detector: nn.Module, checkpoint: Mapping[str, Any], prefer_ema: bool = True,
+                               strict_classes: bool = True, source: str = "checkpoint") -> list[str]:
+    """:func:`load_detector_weights` from an already loaded checkpoint dict; errors name ``source``."""
+    from codetr.convert import ConversionError
+    from codetr.convert import load_detector_weights as load_converted
+
+    try:
+        return load_converted(detector, detector_state(checkpoint, prefer_ema), strict_classes=strict_classes)
+    except ConversionError as error:
+        raise ConversionError(f"{source}: {error}") from error

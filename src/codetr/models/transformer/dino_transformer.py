@@ -132,8 +132,9 @@ class DinoTransformer(nn.Module):
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=mask.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=mask.device),
+                # = linspace(0, h - 1, h) bitwise; arange keeps traced sizes symbolic (export)
+                torch.arange(h, dtype=torch.float32, device=mask.device),
+                torch.arange(w, dtype=torch.float32, device=mask.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)

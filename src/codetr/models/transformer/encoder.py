@@ -37,8 +37,9 @@ def encoder_reference_points(layout: LevelLayout, valid_ratios: Tensor) -> Tenso
     points = []
     for level, (h, w) in enumerate(layout.shapes):
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            # = linspace(0.5, h - 0.5, h) bitwise (steps of exactly 1); arange keeps traced sizes symbolic
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)

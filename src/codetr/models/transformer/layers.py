@@ -31,7 +31,8 @@ class FFN(nn.Module):
         # measured 2-3 s of the R50 train step in zero-fills and copies).
         rows = x.reshape(-1, x.shape[-1])
         block = max(1, self.CPU_BLOCK_ELEMENTS // self.fc1.out_features)
-        if x.device.type != "cpu" or torch.is_grad_enabled() or rows.shape[0] <= block:
+        # traced graphs (export, compile) take one block: the loop's trip count would depend on the input size
+        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or rows.shape[0] <= block:
             out = self.fc2(self.act(self.fc1(rows)))
         else:
             out = rows.new_empty(rows.shape[0], self.fc2.out_features)

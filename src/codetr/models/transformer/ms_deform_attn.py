@@ -50,7 +50,9 @@ class LevelLayout(NamedTuple):
 
     @classmethod
     def from_shapes(cls, shapes: list[tuple[int, int]], device: torch.device) -> LevelLayout:
-        norm = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)
+        # built by arithmetic on a tensor, not torch.tensor(sizes): traced sizes stay symbolic (export)
+        one = torch.ones((), dtype=torch.float32, device=device)
+        norm = torch.stack([torch.stack([one * w, one * h]) for h, w in shapes])
         return cls(list(shapes), norm)
 
     @property

@@ -1,0 +1,178 @@
+"""``Detector``: a trained codetr model as a plain Python object (no Hydra, no Lightning).
+
+    from codetr import Detector
+    detector = Detector.from_checkpoint("outputs/demo/runs/<run>/checkpoints/last.ckpt")
+    found = detector.predict(["a.jpg", "b.png"], score_threshold=0.3)   # [Detections, Detections]
+
+The checkpoint says how to rebuild the model (:mod:`codetr.inference.description`); images are resized by the
+recipe's test pipeline and normalised as in evaluation; the main head runs alone (eval mode: no auxiliary head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from codetr.checkpoint_io import load_weights_file
+from codetr.data.collate import normalize_images
+from codetr.inference.description import ModelDescription, describe_recipe, read_description
+from codetr.inference.inputs import ImageLike, is_single_image, prepare_batch, resize_pipeline, to_uint8_rgb
+from codetr.inference.tta import TTAConfig, merge_views, unflip
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Detections:
+    """One image's detections: ``boxes`` ``(N, 4)`` float32 xyxy in original image pixels, ``scores`` ``(N,)``
+    descending, ``labels`` ``(N,)`` int64 contiguous class indices, ``names`` their class names (or the index as
+    text when the model has no names); ``image_size`` ``(h, w)`` of the original image."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def above(self, score_threshold: float) -> Detections:
+        keep = self.scores >= score_threshold
+        names = [n for n, k in zip(self.names, keep.tolist()) if k]
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], names, self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"boxes": self.boxes.tolist(), "scores": self.scores.tolist(), "labels": self.labels.tolist(),
+                "names": list(self.names), "image_size": list(self.image_size)}
+
+
+class Detector:
+    """Runs ``model`` (``model(images, image_sizes)`` in eval mode -> per image boxes xyxy input pixels, scores,
+    labels; a :class:`codetr.models.co_detr.CoDETR`) on images prepared as ``description`` says."""
+
+    def __init__(self, model: nn.Module, description: ModelDescription, device: str | torch.device = "cpu",
+                 tta: TTAConfig | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.description, self.tta = description, tta
+        self.pixel_mean = torch.tensor(description.pixel_mean, dtype=torch.float32, device=self.device)
+        self.pixel_std = torch.tensor(description.pixel_std, dtype=torch.float32, device=self.device)
+        self.size_divisor = int(description.test_transform.get("size_divisor", 1) or 1)
+        self._pipelines: dict[float, Any] = {}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", *, recipe: str | None = None,
+                        overrides: Sequence[str] = (), prefer_ema: bool = True, tta: TTAConfig | None = None,
+                        class_names: Sequence[str] | None = None) -> Detector:
+        """Load a codetr checkpoint (training ``.ckpt`` or ``python -m codetr.convert`` output), read safely
+        (``weights_only=True``). EMA weights are used when the file has them and ``prefer_ema``.
+
+        ``recipe`` (+ ``overrides``) describes the model of a checkpoint that carries no description (older files);
+        for one that does, they replace it. ``class_names`` replaces the stored names.
+        """
+        from codetr.utils.checkpoints import load_detector_weights_from
+
+        checkpoint = load_weights_file(path)
+        if recipe is not None:
+            description = describe_recipe(recipe, overrides)
+        else:
+            description = read_description(checkpoint, path)
+        if class_names is not None:
+            description.class_names = [str(n) for n in class_names]
+        model = build_model(description)
+        load_detector_weights_from(model, checkpoint, prefer_ema=prefer_ema, strict_classes=True, source=str(path))
+        return cls(model, description, device=device, tta=tta)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.description.class_names
+
+    def name_of(self, label: int) -> str:
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+    # ------------------------------------------------------------------ running
+    def _pipeline(self, scale: float):
+        if scale not in self._pipelines:
+            self._pipelines[scale] = resize_pipeline(self.description.test_transform, scale)
+        return self._pipelines[scale]
+
+    def _autocast(self, precision: str | None):
+        if precision in (None, "fp32"):
+            return contextlib.nullcontext()
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision])
+
+    def detect_view(self, images: Sequence[Tensor], scale: float = 1.0, flipped: bool = False,
+                    precision: str | None = None) -> list[dict[str, Tensor]]:
+        """Raw detections (all the post-processor keeps) of uint8 ``(3, H, W)`` images seen at ``scale`` times
+        the test size, mirrored when ``flipped``; boxes xyxy in ORIGINAL, unmirrored pixels, on the CPU."""
+        views = [image.flip(-1) if flipped else image for image in images]
+        batch = prepare_batch(views, self._pipeline(scale), self.size_divisor).to(self.device)
+        with torch.inference_mode(), self._autocast(precision):
+            normalized = normalize_images(batch.images, batch.padding_mask, self.pixel_mean, self.pixel_std)
+            found = self.model(normalized, batch.image_sizes)
+        out = []
+        for det, (w_scale, h_scale), image in zip(found, batch.scale_factors.tolist(), images):
+            # resized frame -> original pixels (padding lies bottom/right, so no offset is involved)
+            boxes = det["boxes"].float().cpu() / torch.tensor([w_scale, h_scale, w_scale, h_scale])
+            if flipped:
+                boxes = unflip(boxes, image.shape[-1])
+            out.append({"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
+        return out
+
+    def detect(self, images: Sequence[Tensor], tta: TTAConfig | None = None,
+               precision: str | None = None) -> list[dict[str, Tensor]]:
+        """:meth:`detect_view` at the test size, or every TTA view merged (:mod:`codetr.inference.tta`)."""
+        if tta is None:
+            return self.detect_view(images, precision=precision)
+        per_view = [self.detect_view(images, scale, flipped, precision) for scale, flipped in tta.views()]
+        return [merge_views([view[i] for view in per_view], tta) for i in range(len(images))]
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], score_threshold: float = 0.0, batch_size: int = 1,
+                tta: TTAConfig | None = None, precision: str | None = None) -> Detections | list[Detections]:
+        """Detections of one image (-> :class:`Detections`) or of a sequence (-> a list, same order).
+
+        Args:
+            images: paths, PIL images, numpy ``(H, W, 3)`` uint8 arrays or uint8 ``(3, H, W)`` tensors, any sizes.
+            score_threshold: detections below it are dropped.
+            batch_size: images per forward pass (padded to the largest of them).
+            tta: test-time augmentation (default: the detector's ``tta``, normally none).
+            precision: ``bf16`` / ``fp16`` autocast (GPU), or None / ``fp32``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        single = is_single_image(images)
+        items = [images] if single else list(images)
+        tta = tta if tta is not None else self.tta
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            chunk = [to_uint8_rgb(item) for item in items[start:start + batch_size]]
+            for image, det in zip(chunk, self.detect(chunk, tta, precision)):
+                labels = det["labels"].long()
+                found = Detections(det["boxes"], det["scores"], labels, [self.name_of(k) for k in labels.tolist()],
+                                   tuple(image.shape[-2:]))
+                results.append(found.above(score_threshold))
+        return results[0] if single else results
+
+    def export(self, path: str | Path, format: str = "onnx", **options: Any) -> Path:
+        """Export the inference model (:func:`codetr.inference.export.export_detector`)."""
+        from codetr.inference.export import export_detector
+
+        return export_detector(self, path, format, **options)
+
+
+def build_model(description: ModelDescription) -> nn.Module:
+    """The detector of ``description`` (guarded instantiation: codetr / torch targets only), in eval mode."""
+    from codetr.utils import instantiate_checked
+
+    return instantiate_checked(description.detector_config()).eval()
