@@ -208,3 +208,31 @@ def test_grouped_nms_matches_torchvision_without_ties(split_threshold):
     groups = torch.randint(0, 4, (300,), generator=gen)
     keep = grouped_nms(boxes, scores, groups, 0.5, split_threshold=split_threshold)
     assert torch.equal(keep, batched_nms(boxes, scores, groups, 0.5))
+
+
+def _greedy_nms_in_order(boxes, order, iou_threshold):
+    """Plain greedy NMS visiting candidates in ``order`` (what the reference's CPU kernel does after its sort)."""
+    from torchvision.ops import box_iou
+
+    keep, suppressed = [], torch.zeros(len(boxes), dtype=torch.bool)
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= box_iou(boxes[i : i + 1], boxes)[0] >= iou_threshold
+    return torch.tensor(keep)
+
+
+def test_grouped_nms_breaks_exact_ties_like_the_reference_sort():
+    """Anchors over the zero-padded part of an image get exactly equal RPN scores. Which of them survive NMS (and
+    in which order they reach the RoI sampler) is decided by the reference kernel's non-stable descending sort;
+    a stable sort (torchvision's own) keeps other boxes. Overlapping tied boxes make the difference visible."""
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(4000, 2, generator=gen) * 300
+    boxes = torch.cat([xy, xy + 40], 1)
+    scores = torch.rand(4000, generator=gen).mul(8).floor() / 8  # eight tied values
+    keep = grouped_nms(boxes, scores, torch.zeros(4000, dtype=torch.long), 0.7)
+    reference = _greedy_nms_in_order(boxes, scores.sort(descending=True)[1], 0.7)
+    stable = _greedy_nms_in_order(boxes, scores.sort(descending=True, stable=True)[1], 0.7)
+    assert torch.equal(keep, reference)
+    assert not torch.equal(reference, stable)  # the case does separate the two tie orders

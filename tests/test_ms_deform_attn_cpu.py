@@ -59,3 +59,26 @@ def test_module_auto_impl_equals_pytorch_impl_in_float32():
     tokens = layout.num_tokens
     query, value, ref = torch.randn(2, 11, 32), torch.randn(2, tokens, 32), torch.rand(2, 11, len(SHAPES), 4)
     torch.testing.assert_close(fast(query, ref, value, layout), exact(query, ref, value, layout), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_location_gradient_at_integer_pixel_positions_matches_grid_sample(dtype):
+    """Bilinear sampling has a kink at every integer pixel position: there the location gradient depends on which
+    cell the rounded coordinate falls into. Locations built to land exactly on pixel centres, on the map borders
+    and outside them (as zero-size boxes and border reference points do) must take the reference's cell."""
+    torch.manual_seed(0)
+    batch, queries, heads, dims, points = 2, 64, 2, 4, 2
+    tokens = sum(h * w for h, w in SHAPES)
+    value = torch.randn(batch, tokens, heads, dims, dtype=dtype, requires_grad=True)
+    sizes = torch.tensor([[w, h] for h, w in SHAPES], dtype=dtype)  # (L, 2) as (x, y)
+    pixel = torch.randint(-2, 11, (batch, queries, heads, len(SHAPES), points, 2)).to(dtype)
+    locations = ((pixel + 0.5) / sizes[:, None, :]).requires_grad_()  # exactly on pixel positions after unnormalising
+    weights = torch.rand(batch, queries, heads, len(SHAPES), points, dtype=dtype).requires_grad_()
+    exact = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    fast = multi_scale_deformable_attention_cpu(value, SHAPES, locations, weights)
+    upstream = torch.randn_like(exact)
+    g_exact = torch.autograd.grad((exact * upstream).sum(), (value, locations, weights))
+    g_fast = torch.autograd.grad((fast * upstream).sum(), (value, locations, weights))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for name, a, b in zip(("value", "locations", "weights"), g_fast, g_exact):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=tol, msg=name)

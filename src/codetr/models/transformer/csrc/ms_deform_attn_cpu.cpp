@@ -20,8 +20,13 @@ struct Corner {
 template <typename T>
 inline void corners(T loc_x, T loc_y, int64_t h, int64_t w, int64_t start, Corner<T> out[4], T& fx, T& fy,
                     int64_t& x0, int64_t& y0) {
-  const T x = loc_x * w - T(0.5);
-  const T y = loc_y * h - T(0.5);
+  // The pixel coordinate is rounded step by step exactly as the reference computes it (grid = 2 * loc - 1, then
+  // grid_sample's (grid + 1) * size / 2 - 0.5; the build disables FMA contraction): where a location falls on an
+  // integer pixel position, a different last bit moves it to the neighbouring cell, and the location gradient of
+  // bilinear sampling jumps there (zero-size boxes and border reference points land on such positions).
+  const T grid_x = T(2) * loc_x - T(1), grid_y = T(2) * loc_y - T(1);
+  const T x = (grid_x + T(1)) * (static_cast<T>(w) / T(2)) - T(0.5);
+  const T y = (grid_y + T(1)) * (static_cast<T>(h) / T(2)) - T(0.5);
   const T xf = std::floor(x), yf = std::floor(y);
   x0 = static_cast<int64_t>(xf);
   y0 = static_cast<int64_t>(yf);
