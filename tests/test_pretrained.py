@@ -261,7 +261,7 @@ def test_training_stops_before_anything_is_built_when_the_backbone_file_is_missi
         train(cfg)  # the COCO files are missing too: the pretrained check comes first
 
 
-def test_training_entry_resolves_cached_files_and_logs_training_from_scratch(offline, compose_cfg, caplog):
+def test_entry_points_resolve_cached_files_skip_replaced_backbones_and_warn_about_scratch(offline, compose_cfg, caplog):
     from codetr.train import fetch_backbone_weights
 
     (offline / "weights").mkdir()
@@ -271,6 +271,9 @@ def test_training_entry_resolves_cached_files_and_logs_training_from_scratch(off
     assert cfg.model.detector.backbone.weights == str(offline / "weights" / R50_FILE)
     # detector weights replace the whole backbone: nothing is looked up (the offline machine does not fail)
     cfg = compose_cfg("train", ["backbone=swin_l", "weights=converted.pth"])
+    fetch_backbone_weights(cfg)
+    assert cfg.model.detector.backbone.weights is None
+    cfg = compose_cfg("evaluate", ["experiment=co_dino_r50_lsj_1x", "ckpt_path=model.ckpt"])  # as evaluate() does
     fetch_backbone_weights(cfg)
     assert cfg.model.detector.backbone.weights is None
     cfg = compose_cfg("train", ["backbone=vit_l", "model.detector.backbone.weights=null"])
