@@ -150,9 +150,10 @@ def resolve_weights(spec: str | Path, weights_dir: str | Path | None = None) -> 
         homes = [f"{os.path.abspath(place)} ({label})" for place, label in zip(places, labels)]
         also = " nor the Hugging Face cache" if source.hf_repo is not None else ""
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        folders = " nor ".join(os.path.abspath(p.parent) for p in places)
         raise PretrainedWeightsUnavailable(
             f"pretrained backbone weights {source.spec} are not available: {source.filename} is in neither "
-            f"{' nor '.join(os.path.abspath(p.parent) for p in places)}{also}, and the download failed ({reason}). Download "
+            f"{folders}{also}, and the download failed ({reason}). Download "
             f"{source.download_url} on a machine with network and put it at {' or '.join(homes)}, or pass a local "
             f"copy with {WEIGHTS_KEY}=/path/to/{source.filename} ({WEIGHTS_KEY}=null trains the backbone from scratch)."
         ) from error
