@@ -53,19 +53,27 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- ResNet-50 (torchvision)
-def _torchvision_r50() -> tuple[torch.nn.Module, dict]:
+@pytest.fixture(scope="module")
+def torchvision_r50(tmp_path_factory) -> tuple[torch.nn.Module, dict, object]:
+    """A random torchvision ResNet-50 and its ImageNet-file form (no ``num_batches_tracked`` buffers, which
+    torchvision's files lack), saved once for the module: ``(net, state, path)``."""
     from torchvision.models import resnet50
 
     net = _randomise(resnet50()).eval()
-    # torchvision's ImageNet files carry no num_batches_tracked buffers
-    return net, {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("torchvision") / R50_FILE
+    torch.save(state, path)
+    return net, state, path
 
 
-def test_torchvision_resnet50_file_from_torch_hub_cache_loads_every_key(offline):
-    torchvision_net, state = _torchvision_r50()
-    cache = offline / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.save(state, cache / R50_FILE)
+def _place(path, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / path.name).symlink_to(path)
+
+
+def test_torchvision_resnet50_file_from_torch_hub_cache_loads_every_key(offline, torchvision_r50):
+    torchvision_net, state, path = torchvision_r50
+    _place(path, offline / "torch" / "hub" / "checkpoints")
     assert parse_source(R50_SOURCE).filename == R50_FILE
     model = ResNet(depth=50, base_channels=64, weights=None)
     ignored = model.load_weights(R50_SOURCE)
@@ -84,20 +92,19 @@ def test_torchvision_resnet50_file_from_torch_hub_cache_loads_every_key(offline)
         torch.testing.assert_close(model.eval()(x)[-1], trunk(x), atol=1e-5, rtol=1e-5)
 
 
-def test_frozen_stages_keep_the_pretrained_values_after_a_step(offline):
-    _, state = _torchvision_r50()
-    (offline / "weights").mkdir()
-    torch.save(state, offline / "weights" / R50_FILE)
-    path = resolve_weights(R50_SOURCE, offline / "weights")
-    assert path == offline / "weights" / R50_FILE
-    model = ResNet(depth=50, base_channels=64, frozen_stages=1, weights=path).train()
+def test_frozen_stages_keep_the_pretrained_values_after_a_step(offline, torchvision_r50):
+    _, state, path = torchvision_r50
+    _place(path, offline / "weights")
+    cached = resolve_weights(R50_SOURCE, offline / "weights")
+    assert cached == offline / "weights" / R50_FILE
+    model = ResNet(depth=50, base_channels=64, frozen_stages=1, weights=cached).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("conv1", "bn1", "layer1"))}
     assert frozen and all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
     assert all(torch.equal(v, state[n]) for n, v in frozen.items())  # pretrained, not initial, values
     stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
     trained = model.layer2[0].conv1.weight.detach().clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    sum(o.square().mean() for o in model(torch.randn(1, 3, 32, 32))).backward()
     optimizer.step()
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], v) and not params[n].requires_grad for n, v in frozen.items())
