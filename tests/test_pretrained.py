@@ -302,3 +302,12 @@ def test_every_recipe_backbone_defaults_to_its_pretrained_source(compose_cfg):
         assert parse_source(spec).filename == filename, backbone
     experiments = OmegaConf.to_container(compose_cfg("train", ["experiment=co_dino_swin_l_lsj_3x"]).model.detector)
     assert experiments["backbone"]["weights"] == SWIN_L_SOURCE
+
+
+def test_bad_weights_values_name_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.detector\.backbone\.weights: weights file not found: .*nope"):
+        resolve_weights(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="torchvision has no ImageNet-1k V1 weights for 'resnet9000'"):
+        parse_source("torchvision://resnet9000")
+    with pytest.raises(ValueError, match="unknown source scheme 's3'"):
+        parse_source("s3://bucket/file.pth")

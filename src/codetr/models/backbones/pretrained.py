@@ -148,12 +148,12 @@ def resolve_weights(spec: str | Path, weights_dir: str | Path | None = None) -> 
     except Exception as error:  # offline, proxy, HTTP error: all end in the same instructions
         labels = (["paths.weights_dir"] if weights_dir else []) + ["$TORCH_HOME/hub/checkpoints"]
         homes = [f"{os.path.abspath(place)} ({label})" for place, label in zip(places, labels)]
-        also = " nor the Hugging Face cache" if source.hf_repo is not None else ""
+        searched = [os.path.abspath(p.parent) for p in places]
+        searched += ["the Hugging Face cache"] if source.hf_repo is not None else []
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        folders = " nor ".join(os.path.abspath(p.parent) for p in places)
         raise PretrainedWeightsUnavailable(
-            f"pretrained backbone weights {source.spec} are not available: {source.filename} is in neither "
-            f"{folders}{also}, and the download failed ({reason}). Download "
+            f"pretrained backbone weights {source.spec} are not available: {source.filename} was not found in "
+            f"{', '.join(searched)}, and the download failed ({reason}). Download "
             f"{source.download_url} on a machine with network and put it at {' or '.join(homes)}, or pass a local "
             f"copy with {WEIGHTS_KEY}=/path/to/{source.filename} ({WEIGHTS_KEY}=null trains the backbone from scratch)."
         ) from error
