@@ -387,13 +387,13 @@ def test_swin_shifted_window_attention_pads_before_shifting():
     torch.testing.assert_close(ours, expected.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_resnet_torchvision_weights_fail_fast_offline(monkeypatch):
-    from codetr.models.backbones import resnet
+def test_resnet_download_fails_fast_offline(monkeypatch, tmp_path):
+    from codetr.models.backbones.pretrained import PretrainedWeightsUnavailable
 
-    monkeypatch.setitem(resnet.TORCHVISION_URLS, 50, "https://codetr-no-such-host.invalid/resnet50-unknown.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: the file must be downloaded
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="not reachable"):
-        ResNet(depth=50, base_channels=8, weights="torchvision")
+    with pytest.raises(PretrainedWeightsUnavailable, match="not reachable"):
+        ResNet(depth=50, base_channels=8, weights="https://codetr-no-such-host.invalid/resnet50-unknown.pth")
     assert time.monotonic() - start < 30
 
 

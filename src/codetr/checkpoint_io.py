@@ -5,7 +5,7 @@
 * :func:`unwrap_state_dict` takes the tensor dict out of the usual containers (``state_dict`` / ``model`` /
   ``module``) and strips a ``module.`` prefix left by DataParallel / DDP.
 * :func:`require_online` fails fast (a few seconds) with a clear message when a download host cannot be reached, so
-  that ``weights="torchvision"`` / ``"timm"`` never hangs silently on an offline machine.
+  that a pretrained-backbone download (:mod:`codetr.models.backbones.pretrained`) never hangs on an offline machine.
 """
 
 from __future__ import annotations
@@ -90,18 +90,8 @@ def require_online(url: str, timeout: float = 5.0) -> None:
     if not outcome.get("ok"):
         reason = outcome.get("error", f"no answer within {2 * timeout:.0f} s")
         raise RuntimeError(
-            f"cannot download pretrained weights: {host} is not reachable ({reason}). This machine looks offline; "
-            f"download the file elsewhere and pass its local path as `weights=`."
+            f"cannot download: {host} is not reachable ({reason}); this machine looks offline"
         )
-
-
-def download_state_dict(url: str, timeout: float = 5.0) -> dict[str, Tensor]:
-    """Download (or take from the torch hub cache) a weights file and read it safely."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if not cache.is_file():
-        require_online(url, timeout)
-    state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=False)
-    return unwrap_state_dict(state)
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

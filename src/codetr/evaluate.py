@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from codetr.train import build_datamodule, build_module, build_trainer
+from codetr.train import build_datamodule, build_module, build_trainer, fetch_backbone_weights
 from codetr.utils import check_targets
 from codetr.utils.checkpoints import load_detector_weights
 from codetr.utils.printing import print_metrics
@@ -97,6 +97,7 @@ def evaluate_with_tta(cfg: DictConfig, datamodule: Any, stage: str) -> tuple[dic
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_targets(cfg)
+    fetch_backbone_weights(cfg)  # ckpt_path holds every weight: no pretrained backbone file is looked for
     datamodule = build_datamodule(cfg)
     stage = "test" if cfg.split == "test" else "validate"
     datamodule.setup(stage)

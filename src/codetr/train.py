@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning.pytorch as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from codetr.utils import check_known_keys, check_targets, instantiate_checked
 from codetr.utils.checkpoints import load_detector_weights
@@ -67,6 +67,33 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
     )
 
 
+def fetch_backbone_weights(cfg: DictConfig) -> None:
+    """Resolve ``model.detector.backbone.weights`` to a local file before anything else is built, so that a missing
+    pretrained file stops the run at once (:mod:`codetr.models.backbones.pretrained`: ``paths.weights_dir``, torch.hub
+    and Hugging Face caches, then a download). The node then holds the local path. Skipped, with the node set to
+    null, when detector ``weights`` or a resumed ``ckpt_path`` will overwrite the whole backbone anyway; a null
+    node without either trains the backbone from scratch, which is logged as a warning."""
+    from codetr.models.backbones.pretrained import resolve_weights
+
+    backbone = cfg.model.detector.get("backbone")
+    if backbone is None or "weights" not in backbone:
+        return
+    overwritten_by = ("weights" if cfg.get("weights") else
+                      "ckpt_path" if cfg.get("ckpt_path") not in (None, "last_if_exists") else None)
+    spec = backbone.weights
+    if spec is not None and overwritten_by:
+        log.info("%s=%s replaces every backbone weight: pretrained %s not loaded", overwritten_by,
+                 cfg.get(overwritten_by), spec)
+        spec = None
+    elif spec is None and not overwritten_by:
+        log.warning("model.detector.backbone.weights=null: the backbone (%s) starts from random weights, no "
+                    "pretrained file is loaded", backbone.get("_target_"))
+    elif spec is not None:
+        spec = str(resolve_weights(spec, cfg.paths.get("weights_dir")))
+    with open_dict(backbone):
+        backbone.weights = spec
+
+
 def check_config_keys(cfg: DictConfig) -> None:
     """Refuse keys nothing reads in nodes passed on as mappings (``nonfinite``, ``model.compile``; ``optimizer`` /
     ``scheduler`` and ``aug`` are checked where they are read) and group entries that are not objects to build."""
@@ -106,6 +133,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     from codetr.lightning.resume import remove_partial_checkpoints, resolve_ckpt_path
 
     pl.seed_everything(cfg.seed, workers=True)
+    fetch_backbone_weights(cfg)
     datamodule = build_datamodule(cfg)
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()

@@ -19,7 +19,8 @@ from codetr.bench.timing import Measurement, peak_rss_mib, sync
 
 
 def compose_config(overrides: list[str] | tuple[str, ...]):
-    """``conf/train.yaml`` composed with ``overrides`` (no Hydra run directory; nothing is instantiated)."""
+    """``conf/train.yaml`` composed with ``overrides`` (no Hydra run directory; nothing is instantiated). Benchmarks
+    measure speed and memory: the backbone keeps random weights (no pretrained file is looked for)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -27,7 +28,7 @@ def compose_config(overrides: list[str] | tuple[str, ...]):
 
     GlobalHydra.instance().clear()
     with initialize_config_module("codetr.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=["model.detector.backbone.weights=null", *overrides])
 
 
 def build_detector(backbone: str, num_classes: int = 80, overrides: tuple[str, ...] = ()):

@@ -20,16 +20,12 @@ from pathlib import Path
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from codetr.checkpoint_io import download_state_dict, load_weights_file, strip_prefix, unwrap_state_dict
+from codetr.checkpoint_io import strip_prefix
+from codetr.models.backbones.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-TORCHVISION_URLS = {
-    50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-    152: "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-}
 
 
 class ResNet(nn.Module):
@@ -42,8 +38,9 @@ class ResNet(nn.Module):
         norm_eval: keep every BatchNorm in eval mode (running statistics frozen) even in ``train()``.
         norm_requires_grad: whether BatchNorm affine parameters are trained (reference: False).
         out_indices: which stages (0..3 = C2..C5) are returned.
-        weights: None (random init), a local file (torchvision or mmdet naming, ``backbone.`` prefix and
-            container dicts accepted) or ``"torchvision"`` (download the ImageNet weights; needs network).
+        weights: None (random init), a local file or a named source such as ``"torchvision://resnet50"``
+            (:mod:`codetr.models.backbones.pretrained`); torchvision or mmdet naming, ``backbone.`` prefix and
+            container dicts accepted. Loaded before freezing: frozen stages keep the pretrained values.
 
     Forward: ``images (B, 3, H, W)`` -> list of ``(B, C_i, H / s_i, W / s_i)`` with ``s_i = 4, 8, 16, 32`` and
     ``C_i = 4 * base_channels * 2**i`` (spatial sizes as the strided convs give them: ``ceil`` rounding).
@@ -113,15 +110,13 @@ class ResNet(nn.Module):
                         module.eval()
         return self
 
-    def load_weights(self, weights: str | Path) -> None:
-        """Load ImageNet / detector weights (see class docstring); the classifier ``fc.*`` is ignored."""
-        if str(weights) == "torchvision":
-            state = download_state_dict(TORCHVISION_URLS[self.depth])
-            source = f"torchvision resnet{self.depth}"
-        else:
-            state = strip_prefix(unwrap_state_dict(load_weights_file(weights)), "backbone.")
-            source = str(weights)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    def load_weights(self, weights: str | Path, weights_dir: str | Path | None = None) -> list[str]:
+        """Load ImageNet / detector weights (see class docstring); returns the ignored source keys (the ImageNet
+        classifier ``fc.*``). Raises ``KeyError`` naming the source for any other missing / unexpected key."""
+        state, source = load_pretrained(weights, weights_dir)
+        state = strip_prefix(state, "backbone.")
+        ignored = [k for k in state if k.startswith("fc.")]
+        state = {k: v for k, v in state.items() if k not in ignored}
         missing, unexpected = self.load_state_dict(state, strict=False)
         # torchvision ImageNet files carry no num_batches_tracked buffers: harmless (BN stays in eval mode).
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -129,6 +124,7 @@ class ResNet(nn.Module):
             raise KeyError(f"{source}: cannot load into ResNet-{self.depth}: missing {missing[:10]} "
                            f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
         log.info("loaded ResNet-%d weights from %s", self.depth, source)
+        return ignored
 
     def forward(self, images: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))

@@ -13,11 +13,13 @@ arbitrary image sizes:
 * stage ``s`` output (for ``out_indices``) is taken after its blocks, before the next patch merging, and passes
   through ``norm{s}``; returned NCHW.
 
-Weights: ``weights`` = None, a local file in timm/our naming, mmdet naming (``stages.*``, ``w_msa``, ``ffn.layers``,
-unfold-ordered patch merging) or original Swin naming (``layers.{s}.downsample`` at the end of stage s), detector
-checkpoints with a ``backbone.`` prefix included; or ``"timm"`` to download the ImageNet-22k
-``swin_large_patch4_window12_384_22k.pth`` (original naming; needs network). Key conversion: :func:`swin_from_mmdet`,
-:func:`swin_from_original` (and :func:`swin_to_mmdet` for the reverse).
+Weights: ``weights`` = None, a local file or a named source (:mod:`codetr.models.backbones.pretrained`: the official
+``https://github.com/SwinTransformer/storage/releases/...`` files, ``timm://swin_..._224.ms_in1k``), in timm/our
+naming, mmdet naming (``stages.*``, ``w_msa``, ``ffn.layers``, unfold-ordered patch merging) or the original Swin
+naming of the released ImageNet files (``{"model": ...}``, ``layers.{s}.downsample`` at the end of stage s,
+``attn_mask`` / ``relative_position_index`` buffers, classifier ``norm`` / ``head``); detector checkpoints with a
+``backbone.`` prefix included. Key conversion: :func:`swin_from_mmdet`, :func:`swin_from_original` (and
+:func:`swin_to_mmdet` for the reverse).
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from codetr.checkpoint_io import download_state_dict, load_weights_file, strip_prefix, unwrap_state_dict
+from codetr.checkpoint_io import strip_prefix
+from codetr.models.backbones.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
-SWIN_L_22K_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window12_384_22k.pth"
 MASK_VALUE = -100.0
 
 
@@ -96,21 +98,22 @@ class SwinTransformer(nn.Module):
             self.load_weights(weights)
 
     # ---------------------------------------------------------------- weights
-    def load_weights(self, weights: str | Path) -> None:
-        if str(weights) == "timm":
-            state, source = download_state_dict(SWIN_L_22K_URL), "swin_large_patch4_window12_384_22k"
-        else:
-            state = strip_prefix(unwrap_state_dict(load_weights_file(weights)), "backbone.")
-            source = str(weights)
-        state, unmapped, _ = swin_to_codetr(state)
+    def load_weights(self, weights: str | Path, weights_dir: str | Path | None = None) -> list[str]:
+        """Load a Swin file in any supported naming; returns the ignored source keys (classifier ``norm`` /
+        ``head``, index / mask buffers). Only the detection output norms ``norm{s}`` may stay at their initial
+        value (no ImageNet file has them); any other missing, unexpected or unconvertible key raises ``KeyError``."""
+        state, source = load_pretrained(weights, weights_dir)
+        state, unmapped, ignored = swin_to_codetr(strip_prefix(state, "backbone."))
         own = self.state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("norm") or k in own}  # classifier norm
+        ignored += [k for k in state if k.startswith("norm") and k not in own]  # unused output norms
+        state = {k: v for k, v in state.items() if k not in ignored}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not re.fullmatch(r"norm\d\.(weight|bias)", k)]
         if missing or unexpected or unmapped:
             raise KeyError(f"{source}: cannot load into SwinTransformer: missing {missing[:10]} ({len(missing)}), "
                            f"unexpected {unexpected[:10]}, unmapped {unmapped[:10]}")
         log.info("loaded Swin weights from %s", source)
+        return ignored
 
     # ---------------------------------------------------------------- forward
     def _shift_mask(self, hp: int, wp: int, shift: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -34,11 +34,10 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from codetr.checkpoint_io import load_weights_file, require_online, strip_prefix, unwrap_state_dict
+from codetr.checkpoint_io import strip_prefix
+from codetr.models.backbones.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
-# EVA-02 L MIM pre-training in timm (which EVA-02 file Co-DETR started from is not published; spec 14.6).
-TIMM_EVA02_L = "eva02_large_patch14_224.mim_m38m"
 _TIMM_EVA_RULES = [
     (r"(blocks\.\d+)\.attn\.q_proj\.bias", r"\1.attn.q_bias"),
     (r"(blocks\.\d+)\.attn\.v_proj\.bias", r"\1.attn.v_bias"),
@@ -65,14 +64,6 @@ def eva_from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
                 break
         out[key] = value
     return out
-
-
-def _timm_eva_state(name: str) -> dict[str, Tensor]:
-    """Download timm's EVA-02 weights (Hugging Face hub) and return its state dict (timm naming)."""
-    import timm
-
-    require_online("https://huggingface.co")
-    return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
 
 
 def rope_table(rows: int, cols: int, head_dim: int, pt_seq_len: int = 16, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -177,9 +168,11 @@ class ViT(nn.Module):
         use_lsj: fixed global RoPE table (LVIS config) instead of one per token grid (COCO config).
         pt_hw_seq_len, rope_theta: RoPE position scale and base.
         use_checkpoint: activation checkpointing of every block (``use_reentrant=False``, no numerical effect).
-        weights: None, a local file (original naming or timm EVA naming, ``backbone.`` prefix / containers
-            accepted; EVA-02 pre-training files with another patch size or position grid are resampled as the
-            original does), or ``"timm"`` / ``"timm:<model name>"`` to download timm's EVA-02 L weights (network).
+        weights: None, a local file or a named source (:mod:`codetr.models.backbones.pretrained`, e.g. EVA-02's
+            own ``hf://Yuxin-CV/EVA-02/eva02/pt/eva02_L_pt_m38m_p14to16.pt`` or timm's
+            ``timm://eva02_large_patch14_224.mim_m38m``); original / EVA-02 naming or timm EVA naming,
+            ``backbone.`` prefix / containers accepted; files with another patch size or position grid are
+            resampled as the original does.
     Forward: ``images (B, 3, H, W)`` (H, W multiples of ``patch_size``) -> ``[(B, embed_dim, H / 16, W / 16)]``.
     """
 
@@ -240,14 +233,17 @@ class ViT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, weights: str | Path) -> None:
-        if str(weights) == "timm" or str(weights).startswith("timm:"):
-            state = _timm_eva_state(str(weights).partition(":")[2] or TIMM_EVA02_L)
-        else:
-            state = strip_prefix(unwrap_state_dict(load_weights_file(weights)), "backbone.")
+    def load_weights(self, weights: str | Path, weights_dir: str | Path | None = None) -> list[str]:
+        """Load a ViT / EVA-02 file; returns the ignored source keys (RoPE buffers, MIM / classifier parts:
+        ``cls_token``, ``mask_token``, ``norm``, ``lm_head``, ``head``, ``fc_norm``). Only ``out_norm`` (absent from
+        pre-training files) may stay at its initial value; any other missing / unexpected key raises ``KeyError``."""
+        state, source = load_pretrained(weights, weights_dir)
+        state = strip_prefix(state, "backbone.")
         if any(".mlp.fc1_g." in k for k in state):
             state = eva_from_timm(state)
-        state = {k: v.float() for k, v in state.items() if "rope" not in k and "relative_position_index" not in k}
+        ignored = [k for k in state if "rope" in k or "relative_position_index" in k
+                   or re.match(r"(head|fc_norm|norm|lm_head|cls_token|mask_token)\b", k)]
+        state = {k: v.float() for k, v in state.items() if k not in ignored}
         proj = state.get("patch_embed.proj.weight")
         if proj is not None and proj.shape[-1] != self.patch_size:
             state["patch_embed.proj.weight"] = F.interpolate(proj, size=(self.patch_size,) * 2, mode="bicubic",
@@ -262,11 +258,11 @@ class ViT(nn.Module):
             state["pos_embed"] = torch.cat([pos[:, :extra], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("out_norm.")]  # absent from pre-training files
-        unexpected = [k for k in unexpected if not re.match(r"(head|fc_norm|norm|lm_head|cls_token|mask_token)\b", k)]
         if missing or unexpected:
-            raise KeyError(f"{weights}: cannot load into ViT: missing {missing[:10]} ({len(missing)}), unexpected "
+            raise KeyError(f"{source}: cannot load into ViT: missing {missing[:10]} ({len(missing)}), unexpected "
                            f"{unexpected[:10]} ({len(unexpected)})")
-        log.info("loaded ViT weights from %s", weights)
+        log.info("loaded ViT weights from %s", source)
+        return ignored
 
     # ------------------------------------------------------------------ forward
     def _rope(self, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
