@@ -56,6 +56,7 @@ def test_budget_names_and_commands(tmp_path):
         Budget("demo", 3, 0, None)
 
 
+@pytest.mark.slow  # two codetr.train child processes: about 75 s of CPU in all, most of it their start-up
 def test_claim_tiny_budget_writes_table_json_and_plot(compose_cfg, tmp_path):
     overrides = ["select=[co_dino]", "seeds=[0]", "epochs=2", "steps_per_epoch=2", "val_batches=1",
                  "train_overrides=[" + ",".join(f'"{o}"' for o in TINY_TRAIN) + "]"]
