@@ -57,7 +57,7 @@ class CoDeformableDETRHead(DETRQueryHead):
         self.query_embedding = nn.Embedding(num_queries, transformer.embed_dims)
         self.criterion = criterion
         self.max_pos_queries, self.min_pos_queries = max_pos_queries, min_pos_queries
-        self.aux_loss_weight = aux_loss_weight
+        self.aux_loss_weight, self.max_per_image = aux_loss_weight, max_per_image
         self.postprocessor = PostProcessor(max_per_image, soft_nms_iou=None)
 
     def forward(
