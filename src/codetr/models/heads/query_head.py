@@ -35,7 +35,7 @@ class DETRQueryHead(nn.Module):
     Args:
         num_classes: K foreground classes (sigmoid classification, no background column).
         transformer: the built two-stage transformer; its decoder's layer count and ``refine_eps`` rule the
-            branches and the box decoding.
+            branches and the box decoding, its ``num_co_heads`` whether the auxiliary pyramid is built.
         positional_encoding: sine encoding of the level masks (its width must be half the transformer's).
         prior_prob: initial foreground probability of the class branches.
     """
@@ -67,7 +67,12 @@ class DETRQueryHead(nn.Module):
         nn.init.zeros_(reg_branch[-1].bias)
         self.cls_branches = nn.ModuleList(copy.deepcopy(cls_branch) for _ in range(self.num_layers + 1))
         self.reg_branches = nn.ModuleList(copy.deepcopy(reg_branch) for _ in range(self.num_layers + 1))
-        self.downsample = nn.Sequential(nn.Conv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
+        # The extra level feeds only the auxiliary heads: without auxiliary branches (transformer.num_co_heads = 0,
+        # plain DINO / Deformable-DETR) there is none, so every parameter is trained (DDP needs that).
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
+            if transformer.num_co_heads > 0 else None
+        )
 
     def level_masks(self, feats: list[Tensor], img_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Nearest-resized padding masks ``(B, h, w)`` and their sine encodings ``(B, C, h, w)`` per level."""
@@ -86,6 +91,8 @@ class DETRQueryHead(nn.Module):
     def aux_pyramid(self, state: EncoderState) -> list[Tensor]:
         """Encoder memory back to L maps ``(B, C, h, w)`` plus ``downsample`` of the last: the one-to-many heads'
         input (one level more than the encoder's). Not detached: their losses train the encoder."""
+        if self.downsample is None:
+            raise ValueError("auxiliary heads need the query head's downsample: set transformer.num_co_heads > 0")
         batch, _, dims = state.memory.shape
         maps = [
             chunk.transpose(1, 2).reshape(batch, dims, h, w)

@@ -56,6 +56,7 @@ class CoDeformableTransformer(TwoStageTransformer):
         )
         super().__init__(encoder, decoder, embed_dims, num_levels, proposal_base_size, proposal_valid_range)
         self.refine_eps = refine_eps
+        self.num_co_heads = num_co_heads
         self.pos_trans = nn.Linear(2 * embed_dims, 2 * embed_dims)
         self.pos_trans_norm = nn.LayerNorm(2 * embed_dims)
         if num_co_heads > 0:

@@ -51,6 +51,7 @@ class DinoTransformer(TwoStageTransformer):
         decoder = DinoDecoder(num_decoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl)
         super().__init__(encoder, decoder, embed_dims, num_levels, proposal_base_size, proposal_valid_range)
         self.num_queries = num_queries
+        self.num_co_heads = num_co_heads
         self.query_embed = nn.Embedding(num_queries, embed_dims)
         self.aux_pos_trans = nn.ModuleList(nn.Linear(2 * embed_dims, embed_dims) for _ in range(num_co_heads))
         self.aux_pos_trans_norm = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(num_co_heads))
