@@ -38,7 +38,7 @@ def run():
         for hook in hooks:
             hook.remove()
         detections = detector(images, sizes)
-    return {"record": record, "logits": logits, "boxes": boxes, "out": out, "detections": detections,
+    return {"record": record, "detector": detector, "logits": logits, "boxes": boxes, "out": out, "detections": detections,
             "inter": load("tiny_intermediates.pth"), "eval": load("tiny_outputs.pth")["eval"]}
 
 
@@ -120,3 +120,23 @@ def test_final_detections_in_original_image_pixels(run):
         worst_box = max(worst_box, close(ours["boxes"] / scale, ref["bboxes"], atol=1e-3))
         worst_score = max(worst_score, close(ours["scores"], ref["scores"], atol=1e-5))
     print(f"largest detection errors: boxes {worst_box:.3g} px, scores {worst_score:.3g}")
+
+
+@pytest.mark.parametrize("mode", ["one_stage", "two_stage"])
+def test_auxiliary_eval_paths(run, mode):
+    """``eval_module='one-stage'`` (ATSS, NMS 0.6) / ``'two-stage'`` (RPN + RoI head, NMS 0.5) detections on the
+    model's own auxiliary pyramid."""
+    detector, pyramid, sizes = run["detector"], run["record"]["pyramid"], image_sizes()
+    with torch.no_grad():
+        if mode == "one_stage":
+            results = detector.bbox_head[0].predict(pyramid, sizes)
+        else:
+            proposals = [boxes for boxes, _ in detector.rpn_head.predict(pyramid, sizes)]
+            results = detector.roi_head[0].predict(pyramid[:-1], proposals, sizes)
+    metas = load("tiny_inputs.pth")["img_metas"]
+    for ours, ref, meta in zip(results, run["eval"][f"detections_{mode}"], metas, strict=True):
+        scale = torch.tensor(meta["scale_factor"], dtype=torch.float32)[:4]
+        assert ours["boxes"].shape == ref["bboxes"].shape
+        assert torch.equal(ours["labels"], ref["labels"])
+        close(ours["boxes"] / scale, ref["bboxes"], atol=1e-3)
+        close(ours["scores"], ref["scores"], atol=1e-5)
