@@ -55,3 +55,29 @@ def test_unknown_and_missing_keys_are_reported_by_name(r50_shapes):
     del state["query_head.transformer.head_pos_embed.weight"]
     with pytest.raises(ConversionError, match="head_pos_embed"):
         convert_state_dict(state, expected=shapes)
+
+
+def test_cli_converted_checkpoint_gives_the_reference_detections(tmp_path):
+    """``python -m codetr.convert`` on the official tiny checkpoint (wrapped as mmdet saves it), loaded into the
+    detector built from the oracle config with ``load_detector_weights``: the reference's final detections."""
+    from codeform_oracle import build_detector, image_sizes
+
+    from codetr.convert import load_detector_weights, main
+
+    src, dst = tmp_path / "official.pth", tmp_path / "codetr.ckpt"
+    torch.save({"state_dict": dict(load("tiny_state_dict.pth")), "meta": {"epoch": 12}}, src)
+    assert main([str(src), str(dst)]) == 0
+    checkpoint = torch.load(dst, weights_only=True)
+    detector = build_detector()
+    for parameter in detector.parameters():
+        torch.nn.init.zeros_(parameter)
+    state = {k.removeprefix("detector."): v for k, v in checkpoint["state_dict"].items()}
+    assert load_detector_weights(detector, state) == []
+    with torch.no_grad():
+        detections = detector.eval()(load("tiny_inputs.pth")["img"].float(), image_sizes())
+    for ours, ref, meta in zip(detections, load("tiny_outputs.pth")["eval"]["detections"],
+                               load("tiny_inputs.pth")["img_metas"], strict=True):
+        scale = torch.tensor(meta["scale_factor"], dtype=torch.float32)[:4]
+        assert torch.equal(ours["labels"], ref["labels"])
+        torch.testing.assert_close(ours["boxes"] / scale, ref["bboxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(ours["scores"], ref["scores"], rtol=0, atol=1e-5)
