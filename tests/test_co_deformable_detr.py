@@ -80,3 +80,20 @@ def test_lr_multiplier_keys_scale_matching_parameters():
                           lr_mult_keys={"sampling_offsets": 0.5, "sampling": 0.2})
     by_scale = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
     assert by_scale == {1.0: 6, 0.5: 6, 0.1: 6}
+
+
+def test_co_deformable_detr_batch_without_boxes_trains_every_parameter(compose_cfg):
+    """No image has a box (LSJ crops do that): every loss stays finite and every trainable parameter, auxiliary
+    heads and positive-query projections included, gets a gradient (DDP needs every parameter used)."""
+    cfg = compose_cfg("train", ["experiment=demo", "model=co_deformable_detr", "model.num_queries=20",
+                                "model.detector.query_head.transformer.attention_impl=pytorch"])
+    torch.manual_seed(0)
+    detector = instantiate(cfg.model.detector).train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    losses = detector(torch.randn(2, 3, 64, 80), torch.tensor([[64, 80], [56, 64]]), empty)
+    assert {"loss_cls_aux0", "loss_cls_aux1", "enc_loss_cls", "loss_rpn_cls"} <= set(losses)
+    total = sum(v for k, v in losses.items() if "loss" in k)
+    assert torch.isfinite(total)
+    total.backward()
+    no_grad = [n for n, p in detector.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"trainable parameters without gradient: {no_grad[:5]}"
