@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 REFERENCE_ROWS = {
     "co_dino_r50_lsj_1x", "co_dino_r50_detr_1x", "co_dino_r50_lsj_3x", "co_dino_swin_l_detr_1x",
     "co_dino_swin_l_lsj_1x", "co_dino_swin_l_detr_3x", "co_dino_swin_l_lsj_3x", "co_dino_swin_l_o365_to_coco_16e",
-    "demo",
+    "co_deformable_detr_r50_1x", "demo",
 }
 
 
@@ -189,11 +189,16 @@ def test_c():
 
 @pytest.mark.parametrize("choice", ["debug=default", "debug=fdr", "debug=limit", "debug=overfit", "hparams_search=lr_grid",
                                     "logger=many", "logger=wandb", "callbacks=ema", "callbacks=wandb", "trainer=ddp",
-                                    "trainer=fsdp", "model=dino", "data=lvis", "data=objects365"])
+                                    "trainer=fsdp", "model=dino", "model=co_deformable_detr", "model=deformable_detr",
+                                    "data=lvis", "data=objects365"])
 def test_other_choices_compose(compose_cfg, choice):
     cfg = resolved(compose_cfg("train", ["experiment=demo", choice]))
     if choice == "model=dino":
         assert resolved(compose_cfg("train", [choice]))["model"]["detector"]["rpn_head"] is None
+    if choice == "model=deformable_detr":
+        detector = cfg["model"]["detector"]
+        assert detector["rpn_head"] is None and detector["roi_head"] is None and detector["bbox_head"] is None
+        assert detector["query_head"]["transformer"]["num_co_heads"] == 0
     if choice == "model=dino":
         detector = cfg["model"]["detector"]
         assert detector["rpn_head"] is None and detector["roi_head"] is None and detector["bbox_head"] is None

@@ -1,4 +1,5 @@
-"""Official Co-DINO checkpoint (mmdet-3 port or original Sense-X repo) -> codetr checkpoint.
+"""Official Co-DINO (mmdet-3 port or original Sense-X repo) or Co-Deformable-DETR (Sense-X repo) checkpoint ->
+codetr checkpoint.
 
     python -m codetr.convert SRC.pth DST.ckpt [--num-classes K] [--expected TABLE] [--recipe EXPERIMENT
         [--override key=value ...] [--class-names FILE]]
@@ -89,6 +90,11 @@ QUERY_HEAD_KEYS = [
     r"query_head\.transformer\.(enc_output|enc_output_norm|aux_pos_trans\.\d+|aux_pos_trans_norm\.\d+)\." + _WB,
     r"query_head\.(cls_branches\.\d+|reg_branches\.\d+\.\d+|downsample\.\d+)\." + _WB,
     r"query_head\.dn_generator\.label_embedding\.weight",
+    # Co-Deformable-DETR: head-owned content queries, the selected boxes' position projection, and per auxiliary
+    # branch the candidate-feature projection and the (scalar) branch embedding
+    r"query_head\.query_embedding\.weight",
+    r"query_head\.transformer\.(pos_trans|pos_trans_norm|pos_feats_trans\.\d+|pos_feats_norm\.\d+)\." + _WB,
+    r"query_head\.transformer\.head_pos_embed\.weight",
 ]
 CLASS_DEPENDENT = [
     r"query_head\.cls_branches\.\d+\.(weight|bias)",
@@ -164,7 +170,7 @@ def convert_state_dict(
     expected: Mapping[str, Sequence[int] | torch.Size] | None = None,
     num_classes: int | None = None,
 ) -> Conversion:
-    """Rename an official Co-DINO state dict (keys without ``module.``) into codetr naming.
+    """Rename an official Co-DINO / Co-Deformable-DETR state dict (keys without ``module.``) into codetr naming.
 
     Args:
         state: mmdet-3 or original-repo state dict.

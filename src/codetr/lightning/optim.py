@@ -1,7 +1,9 @@
 """Optimiser parameter groups and learning-rate schedules of the reference recipes (spec 9).
 
 * R50 / Swin-L: AdamW, one weight decay for every trainable tensor (norms, biases and embeddings included),
-  learning rate x ``backbone_lr_mult`` for every parameter whose name contains ``backbone``.
+  learning rate x ``backbone_lr_mult`` for every parameter whose name contains ``backbone``, and x
+  ``lr_mult_keys[key]`` for other parameters whose name contains ``key`` (the longest matching key wins, as in
+  mmcv's ``custom_keys``; Co-Deformable-DETR: ``sampling_offsets`` 0.1).
 * ViT-L (COCO): layer-wise decay instead: ``scale = decay ** (num_layers + 1 - layer_id)`` with layer_id 0 for
   the patch / position embeddings, ``i + 1`` for block ``i`` and ``num_layers + 1`` (scale 1) for everything else;
   1-D tensors and biases without weight decay (``no_decay_1d``).
@@ -33,6 +35,11 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     return int(match.group(1)) + 1 if match else num_layers + 1
 
 
+def _key_mult(name: str, lr_mult_keys: Mapping[str, float]) -> float:
+    matches = [key for key in lr_mult_keys if key in name]
+    return float(lr_mult_keys[max(matches, key=len)]) if matches else 1.0
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -41,6 +48,7 @@ def param_groups(
     layer_decay: float | None = None,
     layer_decay_num_layers: int = 24,
     no_decay_1d: bool = False,
+    lr_mult_keys: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Groups of trainable parameters with their ``lr`` / ``weight_decay`` (frozen parameters are left out).
     Each group also carries ``name`` (for the LR monitor) and ``lr_scale``."""
@@ -52,7 +60,7 @@ def param_groups(
             layer = vit_layer_id(name, layer_decay_num_layers)
             scale = layer_decay ** (layer_decay_num_layers + 1 - layer)
         else:
-            scale = backbone_lr_mult if "backbone" in name else 1.0
+            scale = backbone_lr_mult if "backbone" in name else _key_mult(name, lr_mult_keys or {})
         decay = weight_decay
         # the ATSS scales are 0-d in the reference (decayed there) and (1,) here only so that FSDP2 can shard them
         one_dim = param.ndim == 1 and not name.endswith(".scale")
@@ -67,7 +75,7 @@ def param_groups(
 
 
 OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps", "backbone_lr_mult", "layer_decay", "layer_decay_num_layers",
-                  "no_decay_1d", "fused")
+                  "no_decay_1d", "fused", "lr_mult_keys")
 # milestone_table is read by the config itself (the milestones interpolation), not by the code.
 SCHEDULER_KEYS = ("milestones", "gamma", "warmup_iters", "warmup_ratio", "milestone_table")
 
@@ -88,6 +96,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Ada
         layer_decay=cfg.get("layer_decay"),
         layer_decay_num_layers=int(cfg.get("layer_decay_num_layers", 24)),
         no_decay_1d=bool(cfg.get("no_decay_1d", False)),
+        lr_mult_keys={str(k): float(v) for k, v in (cfg.get("lr_mult_keys") or {}).items()},
     )
     return torch.optim.AdamW(
         groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)),

@@ -1,5 +1,11 @@
-"""Co-DETR detector: backbone -> neck -> Co-DINO query head, with one-to-many auxiliary heads (RPN + RoI,
-ATSS) trained on the encoder's multi-scale output. At inference only backbone, neck and query head run."""
+"""Co-DETR detector: backbone -> neck -> query head (Co-DINO or Co-Deformable-DETR), with one-to-many auxiliary
+heads (RPN + RoI, ATSS) trained on the encoder's multi-scale output. At inference only backbone, neck and query head
+run.
+
+The query head's interface (both heads): ``forward(feats, img_mask, denoising)`` -> per-layer logits, boxes and the
+transformer output; ``loss(feats, img_mask, image_sizes, targets)`` -> (losses, encoder state);
+``aux_pyramid(state)``; ``loss_positive_queries(state, positives, index, image_sizes)``; ``predict``. Every
+auxiliary head returns its losses and a :class:`~codetr.models.heads.positives.PositiveSet`."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.models.heads.co_dino_head import CoDINOHead
+from codetr.models.heads.query_head import DETRQueryHead
 from codetr.models.postprocess import PostProcessor
 
 
@@ -44,7 +50,7 @@ class CoDETR(nn.Module):
         self,
         backbone: nn.Module,
         neck: nn.Module,
-        query_head: CoDINOHead,
+        query_head: DETRQueryHead,
         rpn_head: nn.Module | None = None,
         roi_head: Sequence[nn.Module] | None = None,
         bbox_head: Sequence[nn.Module] | None = None,

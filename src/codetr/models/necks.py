@@ -40,7 +40,12 @@ class ChannelMapper(nn.Module):
         num_outs: number of output levels (>= ``len(in_channels)``).
         num_groups: GroupNorm groups.
         kernel_size: kernel of the per-level mapping convs (reference 1).
-    Forward: list of ``(B, in_channels[i], H_i, W_i)`` -> list of ``num_outs`` maps ``(B, out_channels, ., .)``.
+        skip_finest: number of finest backbone maps left unused, with their outputs: the pyramid keeps the strides
+            of the other levels and has ``num_outs - skip_finest`` maps (Co-Deformable-DETR: 1, i.e. C3..C5 + one
+            extra level = strides 8..64, from a backbone configured with C2..C5 for the 5-level Co-DINO). Module
+            names count from the first used map (``convs.0`` maps C3 then), as in the reference's 4-level config.
+    Forward: list of ``(B, in_channels[i], H_i, W_i)`` -> list of ``num_outs - skip_finest`` maps
+    ``(B, out_channels, ., .)``.
     """
 
     def __init__(
@@ -50,9 +55,13 @@ class ChannelMapper(nn.Module):
         num_outs: int = 5,
         num_groups: int = 32,
         kernel_size: int = 1,
+        skip_finest: int = 0,
     ):
         super().__init__()
-        in_channels = list(in_channels)
+        if not 0 <= skip_finest < len(in_channels):
+            raise ValueError(f"skip_finest={skip_finest} must be in [0, {len(in_channels)}) for in_channels {in_channels}")
+        self.skip_finest = skip_finest
+        in_channels, num_outs = list(in_channels)[skip_finest:], num_outs - skip_finest
         if num_outs < len(in_channels):
             raise ValueError(f"num_outs={num_outs} < number of inputs {len(in_channels)}")
         self.in_channels, self.num_outs = in_channels, num_outs
@@ -74,8 +83,9 @@ class ChannelMapper(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
-        if len(feats) != len(self.convs):
-            raise ValueError(f"ChannelMapper expects {len(self.convs)} maps, got {len(feats)}")
+        if len(feats) != len(self.convs) + self.skip_finest:
+            raise ValueError(f"ChannelMapper expects {len(self.convs) + self.skip_finest} maps, got {len(feats)}")
+        feats = feats[self.skip_finest :]
         outs = [conv(x) for conv, x in zip(self.convs, feats)]
         x = feats[-1]
         for extra in self.extra_convs:

@@ -7,6 +7,9 @@
     ``trainer.max_epochs=36`` alone moves the step of a 1x recipe to 30.
 ``${codetr.lookup:<table>,<key1>,<key2>,...}`` -- nested table lookup with an optional ``default`` entry at each
     level, e.g. the Swin-L drop-path rate per (augmentation, epochs).
+``${codetr.mul:<a>,<b>}`` / ``${codetr.div:<a>,<b>}`` -- product / quotient (integer division when both are
+    integers), for values derived from another, e.g. an auxiliary loss weight from the base one or the positional
+    encoding's width from ``model.embed_dims``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ def lookup(table: Mapping, *keys: Any) -> Any:
     return value
 
 
+def mul(a: Any, b: Any) -> Any:
+    return a * b
+
+
+def div(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int):
+        if a % b:
+            raise ValueError(f"codetr.div: {a} is not divisible by {b}")
+        return a // b
+    return a / b
+
+
 def sweep_group(mode: Any, sweep_dir: str) -> str:
     """W&B group of a job: the multirun directory's name for every job of one sweep (``-m``), "" for a single run."""
     return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else ""
@@ -76,7 +91,8 @@ def _as_config(function):
 def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
-                           ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name)):
+                           ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name),
+                           ("codetr.mul", mul), ("codetr.div", div)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
 

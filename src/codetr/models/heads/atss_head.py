@@ -227,7 +227,16 @@ class ATSSHead(nn.Module):
         else:
             loss_bbox = deltas.sum() * 0
             loss_centerness = centerness.sum() * 0
-        positives = PositiveSet(list(anchors.unbind(0)), list(labels.unbind(0)), list(box_targets.unbind(0)))
+        def features() -> list[Tensor]:
+            # (B, locations, C), level-major and row-major like the anchors; each location's vector repeated for
+            # its anchors
+            flat = torch.cat([f.flatten(2) for f in feats], dim=2).transpose(1, 2)
+            per_location = anchors.shape[1] // flat.shape[1]
+            return list(flat.repeat_interleave(per_location, dim=1).unbind(0))
+
+        positives = PositiveSet(
+            list(anchors.unbind(0)), list(labels.unbind(0)), list(box_targets.unbind(0)), features
+        )
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness}, positives
 
     @torch.no_grad()

@@ -7,15 +7,12 @@ ground truth arrives as ``xyxy`` absolute input pixels.
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from codetr.models.box_ops import inverse_sigmoid, size_factors, xyxy_to_cxcywh
+from codetr.models.box_ops import size_factors, xyxy_to_cxcywh
 from codetr.models.heads.positive_queries import build_positive_queries
+from codetr.models.heads.query_head import DETRQueryHead, layer_loss_names
 from codetr.models.losses.matcher import HungarianMatcher
 from codetr.models.losses.set_criterion import SetCriterion
 from codetr.models.postprocess import postprocess
@@ -24,16 +21,7 @@ from codetr.models.transformer.dino_transformer import DinoTransformer, EncoderS
 from codetr.models.transformer.position import SinePositionalEncoding
 
 
-def _layer_keys(prefix: str, suffix: str, num_layers: int) -> list[tuple[str, str, str]]:
-    """Loss names per decoder layer: ``d{k}.`` prefix for all but the last layer (reference naming)."""
-    names = []
-    for k in range(num_layers):
-        lead = "" if k == num_layers - 1 else f"d{k}."
-        names.append(tuple(f"{lead}{prefix}loss_{kind}{suffix}" for kind in ("cls", "bbox", "iou")))
-    return names
-
-
-class CoDINOHead(nn.Module):
+class CoDINOHead(DETRQueryHead):
     """Query head of Co-DINO.
 
     Args:
@@ -75,23 +63,9 @@ class CoDINOHead(nn.Module):
         sync_cls_avg_factor: bool = False,
         prior_prob: float = 0.01,
     ):
-        super().__init__()
-        self.num_classes = num_classes
-        self.transformer = transformer
+        positional_encoding = SinePositionalEncoding(transformer.embed_dims // 2, temperature=positional_temperature)
+        super().__init__(num_classes, transformer, positional_encoding, prior_prob)
         dims = transformer.embed_dims
-        self.num_layers = transformer.decoder.num_layers
-        self.positional_encoding = SinePositionalEncoding(dims // 2, temperature=positional_temperature)
-        # The reference clones one freshly initialised branch D+1 times (identical initial weights).
-        cls_branch = nn.Linear(dims, num_classes)
-        nn.init.constant_(cls_branch.bias, -math.log((1 - prior_prob) / prior_prob))
-        reg_branch = nn.Sequential(
-            nn.Linear(dims, dims), nn.ReLU(), nn.Linear(dims, dims), nn.ReLU(), nn.Linear(dims, 4)
-        )
-        nn.init.zeros_(reg_branch[-1].weight)
-        nn.init.zeros_(reg_branch[-1].bias)
-        self.cls_branches = nn.ModuleList(copy.deepcopy(cls_branch) for _ in range(self.num_layers + 1))
-        self.reg_branches = nn.ModuleList(copy.deepcopy(reg_branch) for _ in range(self.num_layers + 1))
-        self.downsample = nn.Sequential(nn.Conv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
         self.use_denoising = use_denoising
         self.dn_generator = DenoisingGenerator(
             num_classes, dims, transformer.num_queries, label_noise_scale, box_noise_scale, num_dn_queries
@@ -104,20 +78,6 @@ class CoDINOHead(nn.Module):
         self.max_per_image, self.soft_nms_iou, self.soft_nms_min_score = max_per_image, soft_nms_iou, soft_nms_min_score
         self.candidates_before_nms = candidates_before_nms
 
-    # ------------------------------------------------------------------ shared pieces
-    def level_masks(self, feats: list[Tensor], img_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Nearest-resized padding masks ``(B, h, w)`` and their sine encodings ``(B, C, h, w)`` per level."""
-        masks = [F.interpolate(img_mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
-        return masks, [self.positional_encoding(m) for m in masks]
-
-    def predictions(self, hidden: list[Tensor], references: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per decoder layer k: logits ``cls_k(h_k)`` and boxes ``sigmoid(reg_k(h_k) + logit(ref_k))``."""
-        logits, boxes = [], []
-        for k, state in enumerate(hidden):
-            logits.append(self.cls_branches[k](state))
-            boxes.append((self.reg_branches[k](state) + inverse_sigmoid(references[k], eps=1e-3)).sigmoid())
-        return logits, boxes
-
     def forward(
         self, feats: list[Tensor], img_mask: Tensor, denoising=None
     ) -> tuple[list[Tensor], list[Tensor], TransformerOutput]:
@@ -129,16 +89,6 @@ class CoDINOHead(nn.Module):
             # keeps the DN embedding in the graph when a batch has no GT (DDP needs every parameter used)
             logits[0] = logits[0] + self.dn_generator.label_embedding.weight[0, 0] * 0.0
         return logits, boxes, out
-
-    def aux_pyramid(self, state: EncoderState) -> list[Tensor]:
-        """Encoder memory back to L maps ``(B, C, h, w)`` plus ``downsample`` of the last: the one-to-many heads'
-        input (strides 4..128 for R50). Not detached: their losses train the encoder."""
-        batch, _, dims = state.memory.shape
-        maps = [
-            chunk.transpose(1, 2).reshape(batch, dims, h, w)
-            for chunk, (h, w) in zip(state.memory.split([h * w for h, w in state.layout.shapes], 1), state.layout.shapes)
-        ]
-        return maps + [self.downsample(maps[-1])]
 
     # ------------------------------------------------------------------ training
     def loss(
@@ -157,11 +107,11 @@ class CoDINOHead(nn.Module):
         predictions = [(logits[k][:, num_dn:], boxes[k][:, num_dn:]) for k in range(self.num_layers)]
         predictions.append((out.enc_topk_logits, out.enc_topk_boxes))
         per_set = self.criterion.matching_losses(predictions, gt_boxes, gt_labels, factors)
-        for names, values in zip(_layer_keys("", "", self.num_layers), per_set[:-1]):
+        for names, values in zip(layer_loss_names("", "", self.num_layers), per_set[:-1]):
             losses.update(zip(names, values))
         losses.update(zip(("enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"), per_set[-1]))
         if denoising is not None:
-            for k, names in enumerate(_layer_keys("dn_", "", self.num_layers)):
+            for k, names in enumerate(layer_loss_names("dn_", "", self.num_layers)):
                 values = self.criterion.denoising_loss(
                     logits[k][:, :num_dn], boxes[k][:, :num_dn], denoising.max_gt, denoising.num_groups,
                     gt_boxes, gt_labels, factors,
@@ -182,7 +132,7 @@ class CoDINOHead(nn.Module):
         logits, boxes = self.predictions(hidden, references)
         factors = size_factors(image_sizes).to(boxes[0].dtype)
         losses = {}
-        for k, names in enumerate(_layer_keys("", "_aux", self.num_layers)):
+        for k, names in enumerate(layer_loss_names("", "_aux", self.num_layers)):
             values = self.criterion.loss_from_targets(
                 logits[k], boxes[k], queries.labels, queries.label_weights, queries.targets, queries.box_weights,
                 factors,

@@ -19,13 +19,15 @@ from codetr.models.box_ops import xyxy_to_cxcywh
 @dataclass
 class PositiveQueryTargets:
     """boxes ``(B, M, 4)`` normalised cxcywh (query reference boxes); labels ``(B, M)`` (K = background);
-    targets ``(B, M, 4)`` normalised cxcywh; label_weights ``(B, M)``; box_weights ``(B, M, 4)``."""
+    targets ``(B, M, 4)`` normalised cxcywh; label_weights ``(B, M)``; box_weights ``(B, M, 4)``;
+    features ``(B, M, C)`` the chosen candidates' features (only when candidate features were given)."""
 
     boxes: Tensor
     labels: Tensor
     targets: Tensor
     label_weights: Tensor
     box_weights: Tensor
+    features: Tensor | None = None
 
 
 def build_positive_queries(
@@ -36,6 +38,7 @@ def build_positive_queries(
     num_classes: int,
     max_queries: int = 300,
     min_queries: int = 9,
+    features: list[Tensor] | None = None,
 ) -> PositiveQueryTargets:
     """Select ``M = max(min_queries, min(max_queries, most positives in an image))`` candidates per image.
 
@@ -43,6 +46,7 @@ def build_positive_queries(
         coords / labels / targets: per image ``(N_i, 4)`` xyxy absolute candidate boxes, ``(N_i,)`` labels
             (``num_classes`` = negative), ``(N_i, 4)`` xyxy absolute assigned GT boxes (zeros for negatives).
         image_sizes: ``(B, 2)`` (h, w) used for normalisation.
+        features: optional per image ``(N_i, C)`` candidate features, selected like the boxes (zeros for padding).
 
     Every image keeps (a random subset of at most M of) its positives and is filled up to M with randomly chosen
     negative candidates of the same image; those are trained as background. An image with fewer than M candidates
@@ -58,7 +62,7 @@ def build_positive_queries(
     host = counts.flatten().tolist()
     num_pos, num_neg = host[0::2], host[1::2]
     count = max(min_queries, min(max_queries, max(num_pos, default=0)))
-    out_boxes, out_labels, out_targets = [], [], []
+    out_boxes, out_labels, out_targets, out_features = [], [], [], []
     box_weights = torch.zeros(batch, count, 4, device=device)
     for image in range(batch):
         pos = torch.nonzero_static(pos_masks[image], size=num_pos[image]).squeeze(1)
@@ -75,10 +79,13 @@ def build_positive_queries(
         out_boxes.append(F.pad(xyxy_to_cxcywh(coords[image][keep] / factor), (0, 0, 0, missing)))
         out_labels.append(F.pad(labels[image][keep], (0, missing), value=num_classes))
         out_targets.append(F.pad(xyxy_to_cxcywh(targets[image][keep] / factor), (0, 0, 0, missing)))
+        if features is not None:
+            out_features.append(F.pad(features[image][keep], (0, 0, 0, missing)))
     return PositiveQueryTargets(
         torch.stack(out_boxes),
         torch.stack(out_labels),
         torch.stack(out_targets),
         torch.ones(batch, count, device=device),
         box_weights,
+        torch.stack(out_features) if features is not None else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -16,8 +17,13 @@ class PositiveSet:
         included when sampled).
     labels: per image ``(N_i,)`` int64 class of the assigned GT; ``K`` (num_classes) = negative.
     targets: per image ``(N_i, 4)`` xyxy absolute assigned GT box; zeros for negatives.
+    features: computes, on demand, per image ``(N_i, C)`` a feature vector of every candidate: the
+        auxiliary-pyramid vector at the anchor's location (ATSS) or the spatially averaged RoI feature (RoI head).
+        Only query heads that feed candidate features into their queries call it (Co-Deformable-DETR), so
+        Co-DINO never pays for it. Not detached: those queries train the features.
     """
 
     coords: list[Tensor]
     labels: list[Tensor]
     targets: list[Tensor]
+    features: Callable[[], list[Tensor]] | None = None

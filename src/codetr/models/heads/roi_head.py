@@ -150,7 +150,8 @@ class RoIHead(nn.Module):
                 for i, s in enumerate(samples)
             ]
         )
-        logits, deltas = self.bbox_head(self.roi_features(feats, rois))
+        roi_feats = self.roi_features(feats, rois)
+        logits, deltas = self.bbox_head(roi_feats)
         logits, deltas = logits.float(), deltas.float()
         labels, box_targets = [], []
         for s in samples:
@@ -178,10 +179,16 @@ class RoIHead(nn.Module):
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "acc": acc.detach()}
 
         keep = min([self.max_positive_candidates] + [s.num_sampled for s in samples])
+        counts = [s.num_sampled for s in samples]
+
+        def features() -> list[Tensor]:
+            return [f[:keep] for f in roi_feats.mean(dim=(-2, -1)).split(counts)]
+
         positives = PositiveSet(
             coords=[s.sampled_priors[:keep] for s in samples],
             labels=[lab[:keep] for lab in labels],
             targets=[t[:keep] for t in box_targets],
+            features=features,
         )
         return losses, positives
 
@@ -194,7 +201,8 @@ class RoIHead(nn.Module):
         Softmax scores, per-class decoding (the one box repeated for class-agnostic heads) clipped to the image, per-class NMS, ``test_max_per_img`` best.
         """
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], 1) for i, p in enumerate(proposals)])
-        logits, deltas = self.bbox_head(self.roi_features(feats, rois))
+        roi_feats = self.roi_features(feats, rois)
+        logits, deltas = self.bbox_head(roi_feats)
         scores_all, deltas = logits.float().softmax(-1), deltas.float()
         results, start = [], 0
         for i, props in enumerate(proposals):

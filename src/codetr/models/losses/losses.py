@@ -1,12 +1,17 @@
-"""Loss functions of the DETR side: Quality Focal Loss (written here: torchvision has only the focal loss),
-weighted L1 and GIoU (torchvision.ops) with an explicit normaliser."""
+"""Loss functions of the DETR side: Quality Focal Loss (written here: torchvision has only the focal loss), the
+sigmoid focal loss (torchvision.ops), weighted L1 and GIoU (torchvision.ops) with an explicit normaliser.
+
+:class:`QualityFocalLoss` (Co-DINO) and :class:`SigmoidFocalLoss` (Co-Deformable-DETR) are the interchangeable
+classification losses of :class:`~codetr.models.losses.set_criterion.SetCriterion`: ``(logits (N, K), labels (N,)
+with K = background, quality (N,) IoU of each positive) -> (N,)`` per-sample losses summed over classes.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: float = 2.0) -> Tensor:
@@ -29,6 +34,28 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
     target = torch.where(own_class, quality.to(logits.dtype)[:, None], torch.zeros_like(logits))
     weight = (target - logits.sigmoid()).abs().pow(beta)
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum(dim=1)
+
+
+class QualityFocalLoss:
+    """:func:`quality_focal_loss` with its ``beta``: targets are the positives' IoU."""
+
+    def __init__(self, beta: float = 2.0):
+        self.beta = beta
+
+    def __call__(self, logits: Tensor, labels: Tensor, quality: Tensor) -> Tensor:
+        return quality_focal_loss(logits, labels, quality, self.beta)
+
+
+class SigmoidFocalLoss:
+    """Focal loss (RetinaNet) on one-hot targets (background = all zeros), summed over classes; ``quality`` unused."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0):
+        self.alpha, self.gamma = alpha, gamma
+
+    def __call__(self, logits: Tensor, labels: Tensor, quality: Tensor) -> Tensor:
+        num_classes = logits.shape[1]
+        target = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(logits.dtype)
+        return sigmoid_focal_loss(logits, target, self.alpha, self.gamma, reduction="none").sum(dim=1)
 
 
 def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor, normalizer: Tensor) -> Tensor:

@@ -3,12 +3,14 @@ losses of Co-DETR's customised positive queries (spec 4). All share one target-t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from codetr.models.box_ops import aligned_iou, cxcywh_to_xyxy
-from codetr.models.losses.losses import quality_focal_loss, weighted_giou, weighted_l1
+from codetr.models.losses.losses import QualityFocalLoss, weighted_giou, weighted_l1
 from codetr.models.losses.matcher import HungarianMatcher
 
 
@@ -24,9 +26,10 @@ def mean_over_ranks(value: Tensor) -> Tensor:
 class SetCriterion:
     """Computes ``(loss_cls, loss_bbox, loss_iou)`` for one decoder layer's (or the encoder's) predictions.
 
-    Classification: QFL with IoU quality targets, normalised by the local number of positives (averaged over
-    ranks when ``sync_cls_avg_factor``; the mmdet-3 port keeps it local, the original syncs it). L1 on
-    normalised cxcywh and GIoU on absolute xyxy, normalised by the rank-mean number of positives (>= 1).
+    Classification: ``classification`` (default QFL with IoU quality targets and ``qfl_beta``, Co-DINO; the
+    focal loss for Co-Deformable-DETR), normalised by the local number of positives (averaged over ranks when
+    ``sync_cls_avg_factor``; the mmdet-3 port keeps it local, the original syncs it). L1 on normalised cxcywh and
+    GIoU on absolute xyxy, normalised by the rank-mean number of positives (>= 1).
     """
 
     def __init__(
@@ -38,8 +41,10 @@ class SetCriterion:
         giou_weight: float = 2.0,
         qfl_beta: float = 2.0,
         sync_cls_avg_factor: bool = False,
+        classification: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     ):
         self.num_classes = num_classes
+        self.classification = classification or QualityFocalLoss(qfl_beta)
         self.matcher = matcher or HungarianMatcher()
         self.cls_weight, self.l1_weight, self.giou_weight = cls_weight, l1_weight, giou_weight
         self.qfl_beta, self.sync_cls_avg_factor = qfl_beta, sync_cls_avg_factor
@@ -82,7 +87,7 @@ class SetCriterion:
         # IoU of every row, kept where positive (a mask, not a gather: no host sync per layer).
         iou = aligned_iou(cxcywh_to_xyxy(boxes.detach()), cxcywh_to_xyxy(box_targets))
         quality = torch.where(positive, iou, torch.zeros_like(iou))
-        loss_cls = (quality_focal_loss(logits, labels, quality, self.qfl_beta) * label_weights).sum() / cls_norm
+        loss_cls = (self.classification(logits, labels, quality) * label_weights).sum() / cls_norm
 
         box_norm = mean_over_ranks(num_pos).clamp(min=1.0)
         loss_iou = weighted_giou(

@@ -1,5 +1,10 @@
-"""DINO decoder: self-attention, deformable cross-attention, FFN (post-norm) with iterative box refinement
-and "look forward twice" (spec 3.7)."""
+"""Deformable-DETR decoders: self-attention, deformable cross-attention, FFN (post-norm) with iterative box
+refinement and "look forward twice" (spec 3.7).
+
+:class:`DeformableDecoder` (Co-Deformable-DETR) keeps the query position it is given for every layer and returns
+the raw layer outputs; :class:`DinoDecoder` (Co-DINO) recomputes the position from each layer's input box
+(``ref_point_head``) and normalises the outputs with a shared LayerNorm. Both use the same layer.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from codetr.models.transformer.position import box_sine_embedding
 
 
 class DinoDecoderLayer(nn.Module):
+    """One decoder layer (the same in DINO and Deformable-DETR; the name is kept for FSDP wrap lists)."""
+
     def __init__(
         self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, attention_impl: str = "auto"
     ):
@@ -42,34 +49,43 @@ class DinoDecoderLayer(nn.Module):
         return self.norm3(tgt + self.ffn(tgt))
 
 
-class DinoDecoder(nn.Module):
-    """Refines boxes layer by layer. ``ref_point_head`` turns the sine embedding of each layer's input box into
-    the query position; ``norm`` is the shared output LayerNorm whose result the prediction heads read."""
+class DeformableDecoder(nn.Module):
+    """Refines boxes layer by layer with a fixed query position (Deformable-DETR two-stage, mixed selection).
+
+    ``refine_eps``: clamp of ``inverse_sigmoid`` in the box refinement (Deformable-DETR 1e-5, DINO 1e-3).
+    """
 
     def __init__(
         self,
         num_layers: int = 6,
         embed_dims: int = 256,
         num_heads: int = 8,
-        num_levels: int = 5,
+        num_levels: int = 4,
         num_points: int = 4,
-        ffn_dims: int = 2048,
+        ffn_dims: int = 1024,
         attention_impl: str = "auto",
+        refine_eps: float = 1e-5,
     ):
         super().__init__()
-        self.embed_dims = embed_dims
+        self.embed_dims, self.refine_eps = embed_dims, refine_eps
         self.layers = nn.ModuleList(
             DinoDecoderLayer(embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl)
             for _ in range(num_layers)
         )
-        self.ref_point_head = nn.Sequential(
-            nn.Linear(2 * embed_dims, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
-        )
-        self.norm = nn.LayerNorm(embed_dims)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def layer_position(self, query_pos: Tensor | None, reference_input: Tensor) -> Tensor:
+        """Query position of a layer: the given one (``reference_input`` ``(B, Q, L, 4)`` unused here)."""
+        if query_pos is None:
+            raise ValueError(f"{type(self).__name__} needs query_pos (its position is fixed across layers)")
+        return query_pos
+
+    def layer_output(self, tgt: Tensor) -> Tensor:
+        """What the prediction heads read of a layer's output (here: the output itself)."""
+        return tgt
 
     def forward(
         self,
@@ -81,6 +97,7 @@ class DinoDecoder(nn.Module):
         memory_padding_mask: Tensor | None,
         reg_branches: nn.ModuleList,
         self_attn_mask: Tensor | None = None,
+        query_pos: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Run every layer.
 
@@ -89,20 +106,48 @@ class DinoDecoder(nn.Module):
             reference: initial boxes ``(B, Q, 4)`` sigmoid cxcywh (normalised by the valid image size), detached.
             valid_ratios: ``(B, L, 2)`` (w_ratio, h_ratio).
             reg_branches: the head's per-layer box regressors (index k refines layer k's boxes).
+            query_pos: ``(B, Q, C)`` position of every layer (:class:`DeformableDecoder`; DINO computes its own).
 
         Returns:
-            hidden: D tensors ``(B, Q, C)`` after ``norm``; references: D+1 tensors ``(B, Q, 4)``: the initial
-            boxes then each layer's refined boxes, *not* detached (look forward twice).
+            hidden: D tensors ``(B, Q, C)`` (:meth:`layer_output`); references: D+1 tensors ``(B, Q, 4)``: the
+            initial boxes then each layer's refined boxes, *not* detached (look forward twice).
         """
         ratios = valid_ratios.repeat(1, 1, 2)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference]
         tgt = query
         for index, layer in enumerate(self.layers):
             reference_input = reference[:, :, None] * ratios  # (B, Q, L, 4)
-            query_pos = self.ref_point_head(box_sine_embedding(reference_input[:, :, 0], self.embed_dims // 2))
-            tgt = layer(tgt, query_pos, reference_input, memory, layout, memory_padding_mask, self_attn_mask)
-            refined = (reg_branches[index](tgt) + inverse_sigmoid(reference, eps=1e-3)).sigmoid()
+            position = self.layer_position(query_pos, reference_input)
+            tgt = layer(tgt, position, reference_input, memory, layout, memory_padding_mask, self_attn_mask)
+            refined = (reg_branches[index](tgt) + inverse_sigmoid(reference, eps=self.refine_eps)).sigmoid()
             reference = refined.detach()
-            hidden.append(self.norm(tgt))
+            hidden.append(self.layer_output(tgt))
             references.append(refined)
         return hidden, references
+
+
+class DinoDecoder(DeformableDecoder):
+    """DINO's decoder: ``ref_point_head`` turns the sine embedding of each layer's input box into the query
+    position; ``norm`` is the shared output LayerNorm whose result the prediction heads read."""
+
+    def __init__(
+        self,
+        num_layers: int = 6,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 5,
+        num_points: int = 4,
+        ffn_dims: int = 2048,
+        attention_impl: str = "auto",
+    ):
+        super().__init__(num_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl, 1e-3)
+        self.ref_point_head = nn.Sequential(
+            nn.Linear(2 * embed_dims, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
+        )
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def layer_position(self, query_pos: Tensor | None, reference_input: Tensor) -> Tensor:
+        return self.ref_point_head(box_sine_embedding(reference_input[:, :, 0], self.embed_dims // 2))
+
+    def layer_output(self, tgt: Tensor) -> Tensor:
+        return self.norm(tgt)
