@@ -28,7 +28,8 @@ def r50_shapes():
 
     GlobalHydra.instance().clear()
     with initialize_config_module("codetr.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["model=co_deformable_detr", "backbone=r50", "data=coco"])
+        cfg = compose("train", overrides=["model=co_deformable_detr", "backbone=r50", "data=coco",
+                                            "model.detector.backbone.weights=null"])
     GlobalHydra.instance().clear()
     detector = instantiate(cfg.model.detector)
     params = sum(p.numel() for p in detector.parameters())
