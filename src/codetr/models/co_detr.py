@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.models.heads.co_dino_head import CoDINOHead
+from codetr.models.part_agreement import check_feature_levels, check_positive_query_branches
 from codetr.models.postprocess import PostProcessor
 
 
@@ -60,6 +61,10 @@ class CoDETR(nn.Module):
             raise ValueError("roi_head needs an rpn_head to produce proposals")
         self.use_positive_queries = use_positive_queries
         self.postprocessor = postprocessor
+        transformer = query_head.transformer
+        check_feature_levels(neck, transformer.num_levels, rpn_head, self.roi_head, self.bbox_head)
+        check_positive_query_branches(len(transformer.aux_pos_trans), self.roi_head, self.bbox_head,
+                                      use_positive_queries)
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
         return list(self.neck(self.backbone(images)))

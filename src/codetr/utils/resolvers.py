@@ -7,6 +7,9 @@
     ``trainer.max_epochs=36`` alone moves the step of a 1x recipe to 30.
 ``${codetr.lookup:<table>,<key1>,<key2>,...}`` -- nested table lookup with an optional ``default`` entry at each
     level, e.g. the Swin-L drop-path rate per (augmentation, epochs).
+``${codetr.positive_query_branches:<roi_head>,<bbox_head>,<use_positive_queries>}`` -- the transformer's
+    ``num_co_heads`` from the auxiliary heads actually configured (lists or null): one per RoI head and per
+    ``bbox_head`` when positive queries are on, else 0 (:mod:`codetr.models.part_agreement`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ def lookup(table: Mapping, *keys: Any) -> Any:
     return value
 
 
+def positive_query_branches(roi_heads: Any, bbox_heads: Any, use_positive_queries: Any) -> int:
+    """``num_co_heads`` of the configured auxiliary heads (see :mod:`codetr.models.part_agreement`)."""
+    from codetr.models.part_agreement import positive_query_branches as count
+
+    return count(len(roi_heads or []), len(bbox_heads or []), bool(use_positive_queries))
+
+
 def sweep_group(mode: Any, sweep_dir: str) -> str:
     """W&B group of a job: the multirun directory's name for every job of one sweep (``-m``), "" for a single run."""
     return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else ""
@@ -76,7 +86,8 @@ def _as_config(function):
 def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
-                           ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name)):
+                           ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name),
+                           ("codetr.positive_query_branches", positive_query_branches)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
 
