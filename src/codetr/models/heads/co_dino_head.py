@@ -19,6 +19,7 @@ from codetr.models.heads.positive_queries import build_positive_queries
 from codetr.models.losses.matcher import HungarianMatcher
 from codetr.models.losses.set_criterion import SetCriterion
 from codetr.models.postprocess import postprocess
+from codetr.models.safe_conv import SafeStridedConv2d
 from codetr.models.transformer.denoising import DenoisingGenerator
 from codetr.models.transformer.dino_transformer import DinoTransformer, EncoderState, TransformerOutput
 from codetr.models.transformer.position import SinePositionalEncoding
@@ -91,7 +92,8 @@ class CoDINOHead(nn.Module):
         nn.init.zeros_(reg_branch[-1].bias)
         self.cls_branches = nn.ModuleList(copy.deepcopy(cls_branch) for _ in range(self.num_layers + 1))
         self.reg_branches = nn.ModuleList(copy.deepcopy(reg_branch) for _ in range(self.num_layers + 1))
-        self.downsample = nn.Sequential(nn.Conv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
+        # SafeStridedConv2d: the stride-64 map is one pixel wide on small images (bf16 CPU kernel bug, see there)
+        self.downsample = nn.Sequential(SafeStridedConv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
         self.use_denoising = use_denoising
         self.dn_generator = DenoisingGenerator(
             num_classes, dims, transformer.num_queries, label_noise_scale, box_noise_scale, num_dn_queries
