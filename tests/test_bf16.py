@@ -3,8 +3,9 @@
 * The strided convolutions of the neck and the query head (the auxiliary pyramid's ``downsample``) give the float32
   weight gradient under bf16 autocast also on one-pixel-wide maps, which the stride-64 level of small images is:
   oneDNN's bf16 kernel returns garbage there on CPUs with native bf16 (AVX512-BF16), see
-  :mod:`codetr.models.safe_conv`; the non-finite guard skipped the steps where the garbage was inf / NaN. On CPUs
-  without native bf16 the kernel is right and so is the test; autocast rounds to bf16 on both kinds (checked).
+  :mod:`codetr.models.safe_conv`; the non-finite guard skipped the steps where the garbage was inf / NaN. CPUs
+  without native bf16 run a correct kernel, so there the test checks that the float32 path is taken (output dtype)
+  and that autocast rounds to bf16 elsewhere; without the guard it fails on both kinds.
 * End to end: the tiny Co-DINO (all auxiliary heads, denoising; 48-64 pixel images, so the coarsest levels are one
   pixel wide) trains 40 optimiser steps with every loss term finite at every step, no step skipped by the
   non-finite guard, and a falling loss.
@@ -51,8 +52,10 @@ def test_strided_conv_weight_gradient_under_bf16_autocast_matches_float32_on_one
         expected = weight_gradient(conv, x, grad, bf16=False)
         got = weight_gradient(conv, x, grad, bf16=True)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # autocast really rounds on this CPU (with or without native bf16): wider maps run the conv in bf16
+    # On every CPU (the broken kernel exists only with native bf16): the one-wide map takes the float32 path, wider
+    # maps the bf16 one, so autocast really rounds here too.
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(torch.randn(1, 64, height, 1)).dtype == torch.float32
         assert conv(torch.randn(1, 64, 4, 4)).dtype == torch.bfloat16
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
 

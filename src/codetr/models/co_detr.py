@@ -39,6 +39,9 @@ class CoDETR(nn.Module):
 
     ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
     export in its deploy mode); None keeps the query head's own decoding settings.
+
+    The parts must agree on feature levels and positive-query branches; a mismatch is a ``ValueError`` naming both
+    values (:mod:`codetr.models.part_agreement`).
     """
 
     def __init__(
