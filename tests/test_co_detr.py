@@ -17,7 +17,8 @@ K = 3
 def detector(aux=True):
     torch.manual_seed(0)
     transformer = DinoTransformer(embed_dims=64, num_heads=4, num_levels=5, num_points=2, num_encoder_layers=1,
-                                  num_decoder_layers=2, ffn_dims=64, num_queries=30)  # width 64: GN(32) needs >1 value per group
+                                  num_decoder_layers=2, ffn_dims=64, num_queries=30,  # width 64: GN(32) needs >1 value per group
+                                  num_co_heads=2 if aux else 0)
     head = CoDINOHead(K, transformer, num_dn_queries=6)
     heads = {}
     if aux:

@@ -150,7 +150,8 @@ class CoDETRModule(pl.LightningModule):
         if not self.check_finite:
             return
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        reasons = self.nonfinite_guard.decide(parameters, self.device)
+        names = {id(p): name for name, p in self.detector.named_parameters()}
+        reasons = self.nonfinite_guard.decide(parameters, self.device, names)
         if reasons:
             self.nonfinite_guard.skip(parameters, reasons, self.global_step)
             self.log("train/skipped_steps", float(self.nonfinite_guard.skipped_total), on_step=True, on_epoch=False)

@@ -46,6 +46,20 @@ def gradients_finite(parameters: Iterable[nn.Parameter]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def nonfinite_gradient_names(parameters: Iterable[nn.Parameter], names: Mapping[int, str], limit: int = 5) -> str:
+    """``"a.weight, b.bias (+3 more)"``: the parameters whose gradient has NaN / inf (only called for a bad step)."""
+    bad = []
+    for parameter in parameters:
+        grad = parameter.grad
+        if grad is None or not grad.numel():
+            continue
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        if not bool(torch.isfinite(local).all()):
+            bad.append(names.get(id(parameter), f"<unnamed {tuple(parameter.shape)}>"))
+    more = f" (+{len(bad) - limit} more)" if len(bad) > limit else ""
+    return ", ".join(bad[:limit]) + more
+
+
 class NonFiniteStepGuard:
     """Counts bad steps and decides. ``max_consecutive`` bad steps in a row raise :class:`FloatingPointError`
     (``0`` disables the limit)."""
@@ -62,12 +76,16 @@ class NonFiniteStepGuard:
         """Records why the current step's forward is bad (loss terms, matching errors)."""
         self.pending_reasons.extend(reasons)
 
-    def decide(self, parameters: list[nn.Parameter], device: torch.device) -> list[str]:
+    def decide(
+        self, parameters: list[nn.Parameter], device: torch.device, names: Mapping[int, str] | None = None
+    ) -> list[str]:
         """Called once per optimiser step after backward: returns the reasons the step is bad (empty = good) after
-        agreeing across ranks; clears the pending reasons."""
+        agreeing across ranks; clears the pending reasons. ``names`` (``id(parameter) -> name``) lets the reason
+        name the parameters whose gradients are not finite."""
         reasons, self.pending_reasons = self.pending_reasons, []
         if not reasons and not gradients_finite(parameters):
-            reasons = ["non-finite gradients with finite loss terms"]
+            which = f" ({nonfinite_gradient_names(parameters, names)})" if names is not None else ""
+            reasons = [f"non-finite gradients with finite loss terms{which}"]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([float(bool(reasons))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

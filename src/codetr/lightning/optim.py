@@ -6,7 +6,8 @@
   mmcv's ``custom_keys``; Co-Deformable-DETR: ``sampling_offsets`` 0.1).
 * ViT-L (COCO): layer-wise decay instead: ``scale = decay ** (num_layers + 1 - layer_id)`` with layer_id 0 for
   the patch / position embeddings, ``i + 1`` for block ``i`` and ``num_layers + 1`` (scale 1) for everything else;
-  1-D tensors and biases without weight decay (``no_decay_1d``).
+  1-D tensors and biases without weight decay (``no_decay_1d``). ``num_layers`` is the ViT's depth, read from the
+  built backbone (``backbone.blocks``); a ``layer_decay_num_layers`` given in the config must equal it.
 * Schedule: optional linear warm-up per iteration, then MultiStepLR per epoch.
 """
 
@@ -40,19 +41,45 @@ def _key_mult(name: str, lr_mult_keys: Mapping[str, float]) -> float:
     return float(lr_mult_keys[max(matches, key=len)]) if matches else 1.0
 
 
+def vit_depth(model: nn.Module) -> int:
+    """Number of blocks of the model's ViT backbone (``model.backbone.blocks``), the depth layer decay spans."""
+    backbone = getattr(model, "backbone", None)
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        raise ValueError(
+            f"optimizer.layer_decay needs a ViT backbone with a 'blocks' list; this model's backbone is "
+            f"{type(backbone).__name__} (set optimizer.layer_decay=null for the other backbones)"
+        )
+    return len(blocks)
+
+
+def layer_decay_depth(model: nn.Module, layer_decay_num_layers: int | None) -> int:
+    """The ViT depth of ``model``; a configured ``layer_decay_num_layers`` must agree with it."""
+    depth = vit_depth(model)
+    if layer_decay_num_layers is not None and int(layer_decay_num_layers) != depth:
+        raise ValueError(
+            f"optimizer.layer_decay_num_layers={layer_decay_num_layers} but the ViT backbone has {depth} blocks; "
+            "leave it null (derived from the backbone) or make them equal"
+        )
+    return depth
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
     weight_decay: float,
     backbone_lr_mult: float = 0.1,
     layer_decay: float | None = None,
-    layer_decay_num_layers: int = 24,
+    layer_decay_num_layers: int | None = None,
     no_decay_1d: bool = False,
     lr_mult_keys: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Groups of trainable parameters with their ``lr`` / ``weight_decay`` (frozen parameters are left out).
-    Each group also carries ``name`` (for the LR monitor) and ``lr_scale``."""
+    Each group also carries ``name`` (for the LR monitor) and ``lr_scale``. With ``layer_decay`` the depth is the
+    ViT backbone's (:func:`layer_decay_depth`; ``layer_decay_num_layers`` None = take it from the backbone)."""
     groups: dict[tuple[float, float], dict[str, Any]] = {}
+    if layer_decay is not None:
+        layer_decay_num_layers = layer_decay_depth(model, layer_decay_num_layers)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -94,7 +121,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Ada
         weight_decay=float(cfg["weight_decay"]),
         backbone_lr_mult=float(cfg.get("backbone_lr_mult", 1.0)),
         layer_decay=cfg.get("layer_decay"),
-        layer_decay_num_layers=int(cfg.get("layer_decay_num_layers", 24)),
+        layer_decay_num_layers=cfg.get("layer_decay_num_layers"),
         no_decay_1d=bool(cfg.get("no_decay_1d", False)),
         lr_mult_keys={str(k): float(v) for k, v in (cfg.get("lr_mult_keys") or {}).items()},
     )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.models.heads.query_head import DETRQueryHead
+from codetr.models.part_agreement import check_feature_levels, check_positive_query_branches
 from codetr.models.postprocess import PostProcessor
 
 
@@ -44,6 +45,9 @@ class CoDETR(nn.Module):
 
     ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
     export in its deploy mode); None keeps the query head's own decoding settings.
+
+    The parts must agree on feature levels and positive-query branches; a mismatch is a ``ValueError`` naming both
+    values (:mod:`codetr.models.part_agreement`).
     """
 
     def __init__(
@@ -66,6 +70,10 @@ class CoDETR(nn.Module):
             raise ValueError("roi_head needs an rpn_head to produce proposals")
         self.use_positive_queries = use_positive_queries
         self.postprocessor = postprocessor
+        transformer = query_head.transformer
+        check_feature_levels(neck, transformer.num_levels, rpn_head, self.roi_head, self.bbox_head)
+        check_positive_query_branches(len(transformer.aux_pos_trans), self.roi_head, self.bbox_head,
+                                      use_positive_queries)
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
         return list(self.neck(self.backbone(images)))

@@ -15,13 +15,17 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from codetr.models.safe_conv import SafeStridedConv2d
+
 
 class ConvGN(nn.Module):
     """Bias-free ``Conv2d`` followed by ``GroupNorm``, no activation (mmcv ``ConvModule(act_cfg=None)``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, num_groups: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        # strided on the extra levels: see SafeStridedConv2d (bf16 on CPUs with native bf16)
+        self.conv = SafeStridedConv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2,
+                                      bias=False)
         self.gn = nn.GroupNorm(num_groups, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,7 +99,7 @@ class ChannelMapper(nn.Module):
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+    return SafeStridedConv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
 
 
 class SFP(nn.Module):

@@ -68,6 +68,13 @@ def div(a: Any, b: Any) -> Any:
     return a / b
 
 
+def positive_query_branches(roi_heads: Any, bbox_heads: Any, use_positive_queries: Any) -> int:
+    """``num_co_heads`` of the configured auxiliary heads (see :mod:`codetr.models.part_agreement`)."""
+    from codetr.models.part_agreement import positive_query_branches as count
+
+    return count(len(roi_heads or []), len(bbox_heads or []), bool(use_positive_queries))
+
+
 def sweep_group(mode: Any, sweep_dir: str) -> str:
     """W&B group of a job: the multirun directory's name for every job of one sweep (``-m``), "" for a single run."""
     return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else ""
@@ -92,7 +99,8 @@ def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
                            ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name),
-                           ("codetr.mul", mul), ("codetr.div", div)):
+                           ("codetr.mul", mul), ("codetr.div", div),
+                           ("codetr.positive_query_branches", positive_query_branches)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
 

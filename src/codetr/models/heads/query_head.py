@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.models.box_ops import inverse_sigmoid
+from codetr.models.safe_conv import SafeStridedConv2d
 from codetr.models.transformer.position import SinePositionalEncoding
 from codetr.models.transformer.two_stage import EncoderState, TwoStageTransformer
 
@@ -70,7 +71,8 @@ class DETRQueryHead(nn.Module):
         # The extra level feeds only the auxiliary heads: without auxiliary branches (transformer.num_co_heads = 0,
         # plain DINO / Deformable-DETR) there is none, so every parameter is trained (DDP needs that).
         self.downsample = (
-            nn.Sequential(nn.Conv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
+            # SafeStridedConv2d: the last map is one pixel wide on small images (a bf16 CPU kernel bug, see there)
+            nn.Sequential(SafeStridedConv2d(dims, dims, 3, stride=2, padding=1), nn.GroupNorm(32, dims))
             if transformer.num_co_heads > 0 else None
         )
 
