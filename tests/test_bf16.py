@@ -62,7 +62,7 @@ def test_strided_conv_weight_gradient_under_bf16_autocast_matches_float32_on_one
 
 def test_every_strided_conv_of_the_necks_and_query_head_is_guarded():
     transformer = DinoTransformer(embed_dims=64, num_heads=4, num_levels=2, num_points=1, num_encoder_layers=1,
-                                  num_decoder_layers=1, ffn_dims=64, num_queries=10, num_co_heads=0)
+                                  num_decoder_layers=1, ffn_dims=64, num_queries=10, num_co_heads=2)
     modules = {"neck": ChannelMapper([32, 64, 128, 256], 64, 6), "sfp": SFP(64, 32),
                "query_head": CoDINOHead(2, transformer)}
     found = [(owner, name, type(conv)) for owner, module in modules.items() for name, conv in strided_convs(module)]
