@@ -26,6 +26,7 @@ from codetr.evaluation.plots import plot_pr_curves
 from codetr.train import build_datamodule, build_module, build_trainer
 from codetr.utils import check_targets
 from codetr.utils.checkpoints import load_detector_weights
+from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics, print_per_class
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def write_outputs(cfg: DictConfig, evaluation: dict[str, Any], split: str, title
 
 @hydra.main(version_base="1.3", config_path="pkg://codetr.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
+    route_library_logs()  # Lightning's messages into Hydra's <run dir>/evaluate.log too
     metrics = evaluate(cfg)
     return metrics.get("AP")
 
