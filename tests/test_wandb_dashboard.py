@@ -55,7 +55,7 @@ def test_offline_run_logs_the_dashboard(offline_run):
 
     best = max(row["val/AP"] for row in val_rows)
     assert summary["best/val_AP"] == pytest.approx(best)
-    assert summary["best/epoch"] == [i for i, row in enumerate(val_rows) if row["val/AP"] == best][0]
+    assert summary["best/epoch"] == next(i for i, row in enumerate(val_rows) if row["val/AP"] == best)
     assert metrics["val/AP"] == pytest.approx(val_rows[-1]["val/AP"])
 
     models = [a for a in run["artifacts"] if a[1] == "model"]

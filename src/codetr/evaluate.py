@@ -22,10 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from codetr.checkpoint_io import load_detector_weights
 from codetr.evaluation.plots import plot_pr_curves
 from codetr.train import build_datamodule, build_module, build_trainer
 from codetr.utils import check_targets
-from codetr.utils.checkpoints import load_detector_weights
 from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics, print_per_class
 
@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_outputs(cfg, evaluation, split, f"{cfg.ckpt_path}, TTA")
         return evaluation["metrics"]
     module = build_module(cfg, datamodule)
-    load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, same_classes=True)
+    load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, strict_classes=True)
     trainer = build_trainer(cfg)
     if stage == "test":
         trainer.test(module, datamodule=datamodule)

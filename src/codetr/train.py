@@ -17,8 +17,8 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from codetr.checkpoint_io import load_detector_weights
 from codetr.utils import check_known_keys, check_targets, instantiate_checked
-from codetr.utils.checkpoints import load_detector_weights
 from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics
 from codetr.utils.run_lock import RunLock, is_launcher_rank_zero
@@ -42,7 +42,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
 
     detector = instantiate_checked(cfg.model.detector)
     if cfg.get("weights"):
-        load_detector_weights(detector, cfg.weights)
+        load_detector_weights(detector, cfg.weights, strict_classes=False)  # fine-tuning: K may differ
     compile_cfg = cfg.model.get("compile")
     if compile_cfg is not None and compile_cfg.enabled:
         from codetr.models.compile import compile_regions

@@ -35,7 +35,7 @@ class ExpMomentumEMA(pl.Callback):
     after every optimiser step ``t`` (floating-point parameters and buffers; integer buffers are copied).
     Validation and test run with the averaged weights (swapped in, then back); checkpoints keep the raw weights
     under ``state_dict`` and the averaged ones under ``ema_state_dict`` (keys ``detector.*``), which
-    :func:`codetr.utils.checkpoints.load_detector_state` prefers when present. Under FSDP2 each rank averages its
+    :func:`codetr.checkpoint_io.detector_state` prefers when present. Under FSDP2 each rank averages its
     own shard; checkpoints hold the whole tensors (gathered on save, re-sharded on resume)."""
 
     def __init__(self, momentum: float = 1e-4, warmup: int = 2000):
