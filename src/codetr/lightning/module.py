@@ -42,7 +42,8 @@ def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
 
 def to_original_frame(detections: Sequence[dict[str, Tensor]], scale_factors: Tensor) -> list[dict[str, Tensor]]:
     """Detections ``xyxy`` in input pixels -> original image pixels: divide by ``scale_factors`` ``(B, 2)``
-    (w_scale, h_scale). LSJ / DETR padding lies bottom/right, so no offset is involved (spec 7 step 4)."""
+    (w_scale, h_scale). LSJ / DETR padding lies bottom/right, so no offset is involved
+    (docs/architecture.md#postprocess)."""
     out = []
     for det, (w_scale, h_scale) in zip(detections, scale_factors.tolist()):
         factor = det["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
