@@ -1,5 +1,6 @@
-"""Metric tables: AR named by budget in COCO order, -1 (no ground truth in the range) shown as n/a, per-class rows
-best first; the plain-text tables reach the run's log file (Hydra's file handler), not only the console."""
+"""Metric tables: AR named by budget in COCO order, -1 (no ground truth in the range) shown as n/a, per-class
+rows best first; the plain-text tables reach the run's log file (Hydra's file handler), not only the
+console."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def _text(table) -> str:
 
 
 def test_metrics_table_orders_ar_by_budget_and_shows_missing_ranges_as_na():
-    text = _text(metrics_table({"val/AR@100": 0.5, "val/AP": 0.4, "val/APl": -1.0, "val/AR@1": 0.2, "val/AR@10": 0.45}))
+    text = _text(
+        metrics_table({"val/AR@100": 0.5, "val/AP": 0.4, "val/APl": -1.0, "val/AR@1": 0.2, "val/AR@10": 0.45})
+    )
     rows = [line.split("│")[1].strip() for line in text.splitlines() if line.count("│") == 3]
     assert rows == ["AP", "APl", "AR@1", "AR@10", "AR@100"]
     assert "n/a" in text and "-100" not in text and "40.0" in text
@@ -27,10 +30,13 @@ def test_metrics_table_orders_ar_by_budget_and_shows_missing_ranges_as_na():
 
 
 def test_per_class_table_is_sorted_best_first_with_classes_without_objects_last():
-    details = EvaluationDetails(per_class=[
-        {"category_id": 1, "name": "cat", "num_gt": 3, "AP": 0.2, "AP50": 0.5, "AP75": 0.1},
-        {"category_id": 2, "name": "dog", "num_gt": 0, "AP": -1.0, "AP50": -1.0, "AP75": -1.0},
-        {"category_id": 3, "name": "cow", "num_gt": 5, "AP": 0.7, "AP50": 0.9, "AP75": 0.8}])
+    details = EvaluationDetails(
+        per_class=[
+            {"category_id": 1, "name": "cat", "num_gt": 3, "AP": 0.2, "AP50": 0.5, "AP75": 0.1},
+            {"category_id": 2, "name": "dog", "num_gt": 0, "AP": -1.0, "AP50": -1.0, "AP75": -1.0},
+            {"category_id": 3, "name": "cow", "num_gt": 5, "AP": 0.7, "AP50": 0.9, "AP75": 0.8},
+        ]
+    )
     text = _text(per_class_table(details.sorted_per_class()))
     assert text.index("cow") < text.index("cat") < text.index("dog")
     assert "n/a" in text.split("dog")[1].splitlines()[0]

@@ -18,10 +18,22 @@ def offline_run(compose_cfg, monkeypatch, tmp_path):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_cfg("train", [*TINY, "callbacks=wandb", "~callbacks.progress_bar", "logger=wandb",
-                                "logger.wandb.log_model=all", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
-                                "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-                                "scheduler.warmup_iters=4", "callbacks.wandb_images.score_threshold=0.0"])
+    cfg = compose_cfg(
+        "train",
+        [
+            *TINY,
+            "callbacks=wandb",
+            "~callbacks.progress_bar",
+            "logger=wandb",
+            "logger.wandb.log_model=all",
+            "trainer.max_epochs=2",
+            "+trainer.limit_train_batches=3",
+            "+trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1",
+            "scheduler.warmup_iters=4",
+            "callbacks.wandb_images.score_threshold=0.0",
+        ],
+    )
     try:
         metrics = train(cfg)
     finally:
@@ -39,7 +51,9 @@ def test_offline_run_logs_the_dashboard(offline_run):
     lr_keys = sorted(k for k in keys if k.startswith("lr"))  # LearningRateMonitor: lr/<param group name>
     assert lr_keys, sorted(keys)
     lrs = [row[lr_keys[0]] for row in history if lr_keys[0] in row]
-    assert len(lrs) >= 6 and lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[4] == lrs[5]  # linear warm-up over 4 steps
+    assert (
+        len(lrs) >= 6 and lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[4] == lrs[5]
+    )  # linear warm-up over 4 steps
 
     val_rows = [row for row in history if "val/AP" in row]
     assert len(val_rows) == 2 and all("val/AR@100" in row and "val/AR@1" in row for row in val_rows)

@@ -1,5 +1,5 @@
-"""Reading an offline W&B run back: the records of its ``run-*.wandb`` file (W&B's LevelDB-style log of protobuf
-``Record`` messages), so tests can check what a run logged without a W&B server."""
+"""Reading an offline W&B run back: the records of its ``run-*.wandb`` file (W&B's LevelDB-style log of
+protobuf ``Record`` messages), so tests can check what a run logged without a W&B server."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def _payloads(data: bytes) -> list[bytes]:
         if left < HEADER:
             offset += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
         if kind == 0 and length == 0:  # zero padding up to the end of the block
             offset += left
             continue
-        chunk = data[offset + HEADER:offset + HEADER + length]
+        chunk = data[offset + HEADER : offset + HEADER + length]
         offset += HEADER + length
         if kind == FULL:
             out.append(chunk)
@@ -39,8 +39,8 @@ def _payloads(data: bytes) -> list[bytes]:
 
 
 def read_offline_run(run_dir: Path) -> dict[str, Any]:
-    """``{"history": [row dicts], "summary": {key: value}, "artifacts": [(name, type, aliases)]}`` of the offline run
-    in ``run_dir`` (``.../wandb/offline-run-*``); keys joined with "/" as logged."""
+    """``{"history": [row dicts], "summary": {key: value}, "artifacts": [(name, type, aliases)]}`` of the
+    offline run in ``run_dir`` (``.../wandb/offline-run-*``); keys joined with "/" as logged."""
     from wandb.proto import wandb_internal_pb2
 
     (path,) = Path(run_dir).glob("run-*.wandb")

@@ -1,10 +1,10 @@
-"""COCO and LVIS box AP as a ``torchmetrics.Metric``: faster-coco-eval inside (numbers identical to pycocotools /
-the LVIS API), state kept and synchronised across DDP ranks by torchmetrics.
+"""COCO and LVIS box AP as a ``torchmetrics.Metric``: faster-coco-eval inside (numbers identical to
+pycocotools / the LVIS API), state kept and synchronised across DDP ranks by torchmetrics.
 
-Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to COCO
-results (``xywh``, category ids) and evaluated against the original annotation file. Lightning's distributed
-sampler pads the last batches with repeated images so every rank gets as many; each image is counted once (the
-copy seen first, by the rank-major order of ``update`` calls).
+Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to
+COCO results (``xywh``, category ids) and evaluated against the original annotation file. Lightning's
+distributed sampler pads the last batches with repeated images so every rank gets as many; each image is
+counted once (the copy seen first, by the rank-major order of ``update`` calls).
 """
 
 from __future__ import annotations
@@ -37,7 +37,20 @@ from codetr.evaluation.summary import (
 log = logging.getLogger(__name__)
 
 # Every metric name an evaluation returns, in display order (``AR@<budget>`` after the budgets actually used).
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs@100", "ARm@100", "ARl@100")
+COCO_METRICS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR@1",
+    "AR@10",
+    "AR@100",
+    "ARs@100",
+    "ARm@100",
+    "ARl@100",
+)
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
@@ -52,8 +65,10 @@ class CocoEvaluator(Metric):
 
     Args:
         annotation_file: ground-truth COCO / LVIS json, or gzipped json (original annotations).
-        category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted json ids.
-        lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections per image).
+        category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted
+            json ids.
+        lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections
+            per image).
         max_detections: detections per image kept for evaluation (COCO 100 by protocol; LVIS 300).
 
     State (1-D tensors, concatenated across ranks by torchmetrics): per image seen, a key unique over ranks
@@ -66,8 +81,14 @@ class CocoEvaluator(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, annotation_file: str | Path, category_ids: Sequence[int] | None = None, lvis: bool = False,
-                 max_detections: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        category_ids: Sequence[int] | None = None,
+        lvis: bool = False,
+        max_detections: int | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.annotation_file = Path(annotation_file)
         if not self.annotation_file.is_file():
@@ -102,16 +123,26 @@ class CocoEvaluator(Metric):
         device = self.device
         self.sample_keys.append(keys.to(device))
         self.sample_ids.append(torch.as_tensor([int(i) for i in image_ids], dtype=torch.long, device=device))
-        self.det_keys.append(torch.cat(det_keys).to(device) if det_keys else torch.zeros(0, dtype=torch.long, device=device))
+        self.det_keys.append(
+            torch.cat(det_keys).to(device) if det_keys else torch.zeros(0, dtype=torch.long, device=device)
+        )
         self.det_boxes.append(torch.cat(boxes).to(device) if boxes else torch.zeros(0, device=device))
         self.det_scores.append(torch.cat(scores).to(device) if scores else torch.zeros(0, device=device))
-        self.det_labels.append(torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device))
+        self.det_labels.append(
+            torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        )
 
     def _unique_detections(self) -> tuple[list[int], Tensor, Tensor, Tensor, Tensor]:
-        """Image ids seen (sorted) and the detections of each image's first copy: ``image_ids, (N, 4) xyxy boxes,
-        scores, labels`` (CPU)."""
+        """Image ids seen (sorted) and the detections of each image's first copy: ``image_ids, (N, 4) xyxy
+        boxes, scores, labels`` (CPU)."""
         if len(self.sample_keys) == 0:  # a list before the DDP sync, a tensor after it
-            return [], torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            return (
+                [],
+                torch.zeros(0, 4),
+                torch.zeros(0),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+            )
         keys, ids = dim_zero_cat(self.sample_keys).long().cpu(), dim_zero_cat(self.sample_ids).long().cpu()
         first: dict[int, int] = {}
         for key, image_id in sorted(zip(keys.tolist(), ids.tolist())):
@@ -126,16 +157,18 @@ class CocoEvaluator(Metric):
         return sorted(first), boxes, scores, labels, det_image_ids
 
     def _load_gt(self) -> COCO:
-        """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes annotations by
-        id, so a duplicate silently replaces another box and changes AP."""
+        """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes
+        annotations by id, so a duplicate silently replaces another box and changes AP."""
         data = load_json(self.annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(data)
         if len(gt.anns) != len(data.get("annotations", [])):
             counts = Counter(ann.get("id") for ann in data["annotations"])
             repeated = sorted((i for i, n in counts.items() if n > 1), key=str)
-            raise ValueError(f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
-                             f"{repeated[:5]}); COCO evaluation needs unique ids")
+            raise ValueError(
+                f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
+                f"{repeated[:5]}); COCO evaluation needs unique ids"
+            )
         return gt
 
     def _empty_metrics(self) -> dict[str, float]:
@@ -143,16 +176,22 @@ class CocoEvaluator(Metric):
         return {name: 0.0 for name in names}
 
     def compute(self) -> dict[str, float]:
-        """AP / AR metrics over the images seen by all ranks (every rank returns the same numbers); ``-1`` where
-        the range has no ground truth (e.g. ``APl`` without large objects)."""
+        """AP / AR metrics over the images seen by all ranks (every rank returns the same numbers); ``-1``
+        where the range has no ground truth (e.g. ``APl`` without large objects)."""
         gt = self._load_gt()
         ids = self.category_ids(gt)
         image_ids, boxes, scores, labels, det_image_ids = self._unique_detections()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
         self.results = [
-            {"image_id": image_id, "bbox": [round(v, 3) for v in box], "score": score, "category_id": int(ids[label])}
-            for image_id, box, score, label in zip(det_image_ids.tolist(), xywh.tolist(), scores.tolist(),
-                                                   labels.tolist())
+            {
+                "image_id": image_id,
+                "bbox": [round(v, 3) for v in box],
+                "score": score,
+                "category_id": int(ids[label]),
+            }
+            for image_id, box, score, label in zip(
+                det_image_ids.tolist(), xywh.tolist(), scores.tolist(), labels.tolist()
+            )
         ]
         self.details = EvaluationDetails()
         if not self.results:
@@ -160,7 +199,9 @@ class CocoEvaluator(Metric):
             return self._empty_metrics()
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(self.results)
-            evaluator = COCOeval_faster(gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None)
+            evaluator = COCOeval_faster(
+                gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None
+            )
             evaluator.params.imgIds = image_ids
             if self.lvis:
                 evaluator.params.maxDets = [self.max_detections]
@@ -170,8 +211,11 @@ class CocoEvaluator(Metric):
         metrics = {AP_KEYS[k]: float(v) for k, v in evaluator.stats_as_dict.items() if k in AP_KEYS}
         metrics.update(recall_metrics(evaluator.eval["recall"], [int(m) for m in evaluator.params.maxDets]))
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt.loadCats(gt.getCatIds())}
-        num_gt = Counter(int(a["category_id"]) for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids))
-                         if not a.get("iscrowd", 0))
+        num_gt = Counter(
+            int(a["category_id"])
+            for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids))
+            if not a.get("iscrowd", 0)
+        )
         self.details = evaluation_details(evaluator, names, num_gt)
         return metrics
 

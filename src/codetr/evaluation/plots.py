@@ -9,7 +9,9 @@ from codetr.evaluation.summary import EvaluationDetails
 CURVE_LABELS = {"AP50": "IoU 0.50", "AP75": "IoU 0.75", "AP": "IoU 0.50:0.95 (mean)"}
 
 
-def plot_pr_curves(details: EvaluationDetails, path: str | Path, title: str = "precision-recall, all classes") -> Path:
+def plot_pr_curves(
+    details: EvaluationDetails, path: str | Path, title: str = "precision-recall, all classes"
+) -> Path:
     """Writes the class-averaged precision-recall curves (AP50 / AP75 / AP) of ``details`` to ``path``."""
     import matplotlib
 

@@ -1,5 +1,5 @@
-"""Console output: the composed config as a rich tree, metric tables and the per-class AP table. Tables are also
-written to the ``codetr`` log (Hydra's ``<task>.log`` in the run directory) as plain text."""
+"""Console output: the composed config as a rich tree, metric tables and the per-class AP table. Tables are
+also written to the ``codetr`` log (Hydra's ``<task>.log`` in the run directory) as plain text."""
 
 from __future__ import annotations
 
@@ -13,13 +13,32 @@ from rich.table import Table
 
 from codetr.utils.logs import log_to_files
 
-METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@1", "AR@10", "AR@100", "AR@300",
-                "ARs@100", "ARm@100", "ARl@100", "ARs@300", "ARm@300", "ARl@300")
+METRIC_ORDER = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "APr",
+    "APc",
+    "APf",
+    "AR@1",
+    "AR@10",
+    "AR@100",
+    "AR@300",
+    "ARs@100",
+    "ARm@100",
+    "ARl@100",
+    "ARs@300",
+    "ARm@300",
+    "ARl@300",
+)
 
 
 def format_metric(value: float) -> str:
-    """AP-style value in [0, 1] x100 with one decimal; ``n/a`` for COCO's -1 (no ground truth in the range, e.g.
-    APl without large objects); anything else as is."""
+    """AP-style value in [0, 1] x100 with one decimal; ``n/a`` for COCO's -1 (no ground truth in the range,
+    e.g. APl without large objects); anything else as is."""
     if value < 0:
         return "n/a"
     return f"{100 * value:.1f}" if value <= 1.0 else f"{value:.4g}"
@@ -43,8 +62,12 @@ def per_class_table(rows: Sequence[Mapping[str, Any]], title: str = "per-class b
     for column in ("class", "id", "objects", "AP", "AP50", "AP75"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in rows:
-        table.add_row(str(row["name"]), str(row["category_id"]), str(row["num_gt"]),
-                      *(format_metric(float(row[key])) for key in ("AP", "AP50", "AP75")))
+        table.add_row(
+            str(row["name"]),
+            str(row["category_id"]),
+            str(row["num_gt"]),
+            *(format_metric(float(row[key])) for key in ("AP", "AP50", "AP75")),
+        )
     return table
 
 
