@@ -82,7 +82,7 @@ def test_a_checkpoint_of_another_class_count_is_refused(tiny, tmp_path):
     model, _description = tiny
     other = describe_recipe("demo", [*TINY_TEST, "data.num_classes=7"])
     path = save_checkpoint(tmp_path / "m.ckpt", model, other)
-    with pytest.raises(CheckpointMismatchError, match=r"m.ckpt was trained for 7 classes, the config / dataset has 4"):
+    with pytest.raises(CheckpointMismatchError, match=r"m.ckpt was trained for 4 classes, the config / dataset has 7"):
         Detector.from_checkpoint(path)
 
 
