@@ -156,7 +156,8 @@ def test_tiny_backbone_config_builds_the_oracle_model(compose_cfg):
     import torch
     from hydra.utils import instantiate
 
-    from codetr.convert import convert_state_dict, load_detector_weights
+    from codetr.checkpoint_io import load_detector_weights
+    from codetr.convert import convert_state_dict
 
     oracle = Path(os.environ.get("CODETR_ORACLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "oracle"))
     if not (oracle / "tiny_state_dict.pth").is_file():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from codetr.checkpoint_io import load_detector_weights
 from codetr.evaluate import evaluate
 from codetr.train import build_module
-from codetr.utils.checkpoints import load_detector_weights
 
 TINY = ["experiment=demo", "data.generate.num_train=2", "data.generate.num_val=2", "data.generate.image_size=64",
         "aug.test_scale=64"]
@@ -27,4 +27,4 @@ def test_a_checkpoint_for_another_class_count_is_an_evaluation_error(compose_cfg
         evaluate(cfg)
     # the same class count loads, class heads included
     same = build_module(compose_cfg("train", [*TINY, "data.num_classes=3"]))
-    assert load_detector_weights(same.detector, three, same_classes=True) == []
+    assert load_detector_weights(same.detector, three, strict_classes=True) == []

@@ -1,4 +1,6 @@
-"""Box AP equals pycocotools' COCOeval on a hand-made case; LVIS mode runs on a tiny LVIS-style json."""
+"""Box AP equals pycocotools' COCOeval on a hand-made case (AR named by detection budget, per-class AP, PR curves);
+LVIS mode on a tiny LVIS-style json; the torchmetrics state syncs over 2 gloo ranks with padded duplicates counted
+once."""
 
 import contextlib
 import io
@@ -7,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_support import run_ranks
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -43,7 +45,8 @@ def test_ap_equals_pycocotools(tmp_path):
     evaluator = CocoEvaluator(path, category_ids=[1, 2])
     for image_id, det in DETECTIONS.items():
         evaluator.update([image_id], [det])
-    ours = evaluator.compute(results_file=tmp_path / "results.json")
+    ours = evaluator.compute()
+    evaluator.write_results(tmp_path / "results.json")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(path))
         dt = gt.loadRes(str(tmp_path / "results.json"))
@@ -51,9 +54,36 @@ def test_ap_equals_pycocotools(tmp_path):
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    for index, key in enumerate(["AP", "AP50", "AP75", "APs", "APm", "APl"]):
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs@100", "ARm@100", "ARl@100"]
+    for index, key in enumerate(names):
         assert abs(ours[key] - reference.stats[index]) < 1e-6, key
-    assert 0 < ours["AP"] < 1
+    assert sorted(ours) == sorted(names)  # no bare "AR": COCO's summary calls AR@1 "AR_all"
+    assert 0 < ours["AP"] < 1 and ours["APl"] == -1.0  # no large object in the ground truth
+
+
+def test_ar_at_each_budget_differs_when_the_budget_binds(tmp_path):
+    """Image 1 has two objects; with its best-scored detection a miss, AR@1 < AR@10 = AR@100."""
+    evaluator = CocoEvaluator(ground_truth(tmp_path), category_ids=[1, 2])
+    missing_first = {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 40.0, 40.0], [50.0, 50.0, 70.0, 90.0]]),
+                     "scores": torch.tensor([0.99, 0.9, 0.8]), "labels": torch.tensor([0, 0, 1])}
+    evaluator.update([1, 2], [missing_first, DETECTIONS[2]])
+    metrics = evaluator.compute()
+    assert metrics["AR@1"] < metrics["AR@10"] == pytest.approx(metrics["AR@100"])
+    assert metrics["AR@100"] > 0.9
+
+
+def test_per_class_ap_and_precision_recall_curves(tmp_path):
+    evaluator = CocoEvaluator(ground_truth(tmp_path), category_ids=[1, 2])
+    perfect_b = {"boxes": torch.tensor([[50.0, 50.0, 70.0, 90.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([1])}
+    evaluator.update([1, 2], [perfect_b, DETECTIONS[2]])
+    evaluator.compute()
+    rows = evaluator.details.sorted_per_class()
+    assert [(r["name"], r["category_id"], r["num_gt"]) for r in rows] == [("b", 2, 1), ("a", 1, 2)]
+    assert rows[0]["AP"] == pytest.approx(1.0) and 0 < rows[1]["AP"] < 1  # "a": one of two objects found
+    curves = evaluator.details.to_dict()["pr_curves"]
+    assert len(curves["recall"]) == len(curves["AP50"]) == len(curves["AP75"]) == len(curves["AP"]) == 101
+    assert curves["AP50"][0] == pytest.approx(1.0)
 
 
 def test_lvis_mode_reports_frequency_groups(tmp_path):
@@ -61,7 +91,8 @@ def test_lvis_mode_reports_frequency_groups(tmp_path):
     for image_id, det in DETECTIONS.items():
         evaluator.update([image_id], [det])
     metrics = evaluator.compute()
-    assert {"AP", "APr", "APc", "APf"} <= set(metrics)
+    assert {"AP", "APr", "APc", "APf", "AR@300", "ARs@300", "ARm@300", "ARl@300"} == set(metrics) - {
+        "AP50", "AP75", "APs", "APm", "APl"}
 
 
 def test_no_detections_gives_zero_ap(tmp_path):
@@ -73,36 +104,44 @@ def test_no_detections_gives_zero_ap(tmp_path):
 def test_results_file_holds_coco_entries_in_original_frame(tmp_path):
     evaluator = CocoEvaluator(ground_truth(tmp_path), category_ids=[1, 2])
     evaluator.update([2], [DETECTIONS[2]])
-    evaluator.compute(results_file=tmp_path / "out.json")
+    evaluator.compute()
+    evaluator.write_results(tmp_path / "out.json")
     entries = json.loads((tmp_path / "out.json").read_text())
     assert [(e["image_id"], e["bbox"], e["category_id"]) for e in entries] == [
         (2, [5.0, 62.0, 55.0, 28.0], 1), (2, [30.0, 30.0, 30.0, 30.0], 2)]  # xyxy -> xywh, label -> category id
     assert [e["score"] for e in entries] == pytest.approx([0.8, 0.3])
 
 
-def _ddp_worker(rank, world, init_file, gt_path, out_dir):
+def _ddp_worker(rank, world, init_file, gt_path, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         evaluator = CocoEvaluator(gt_path, category_ids=[1, 2])
-        # rank 0 sees image 1, rank 1 sees image 2 and (DistributedSampler padding) image 1 again
-        for image_id in ([1] if rank == 0 else [2, 1]):
-            evaluator.update([image_id], [DETECTIONS[image_id]])
-        metrics = evaluator.compute(results_file=out_dir / "results.json")
-        (out_dir / f"metrics{rank}.json").write_text(json.dumps(metrics))
+        # rank 0 sees image 1, rank 1 sees image 2 and (DistributedSampler padding) image 1 again, with other
+        # detections: the copy seen first (rank 0's) counts, once
+        repeated = {"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0]]), "scores": torch.ones(1), "labels": torch.zeros(1).long()}
+        if rank == 0:
+            evaluator.update([1], [DETECTIONS[1]])
+        else:
+            evaluator.update([2], [DETECTIONS[2]])
+            evaluator.update([1], [repeated])
+        metrics = evaluator.compute()
+        results[rank] = (metrics, evaluator.results, evaluator.details.to_dict())
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gathers_every_rank_and_counts_repeated_images_once(tmp_path):
+def test_two_gloo_ranks_give_the_single_process_ap_and_count_repeated_images_once(tmp_path):
     path = ground_truth(tmp_path)
     single = CocoEvaluator(path, category_ids=[1, 2])
     for image_id, det in DETECTIONS.items():
         single.update([image_id], [det])
     expected = single.compute()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), path, tmp_path), nprocs=2, join=True)
+    results = run_ranks(_ddp_worker, tmp_path, path, timeout=120)
     for rank in range(2):
-        assert json.loads((tmp_path / f"metrics{rank}.json").read_text()) == expected
-    assert len(json.loads((tmp_path / "results.json").read_text())) == 5
+        metrics, records, details = results[rank]
+        assert metrics == expected
+        assert len(records) == 5 and sorted(r["image_id"] for r in records) == [1, 1, 1, 2, 2]
+        assert details == single.details.to_dict()
 
 
 def test_lvis_federated_rules_ignore_unverified_categories(tmp_path):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchvision.ops import generalized_box_iou_loss
 
-from codetr.convert import convert_state_dict, load_detector_weights
+from codetr.checkpoint_io import load_detector_weights
+from codetr.convert import convert_state_dict
 from codetr.models.heads.roi_bbox_head import ConvFCBBoxHead
 from codetr.models.heads.roi_head import RoIHead
 from codetr.models.heads.rpn_head import RPNHead

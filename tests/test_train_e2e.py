@@ -70,6 +70,12 @@ def test_train_checkpoint_resume_evaluate_predict(compose_cfg, tmp_path):
     assert 0.0 <= eval_metrics["AP"] <= 1.0
     results = json.loads(Path(cfg.results_file).read_text())
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    assert {"AR@1", "AR@10", "AR@100"} <= set(eval_metrics) and "AR" not in eval_metrics
+    written = json.loads(Path(cfg.metrics_file).read_text())
+    assert written["AP"] == eval_metrics["AP"]
+    assert sorted(row["name"] for row in written["per_class"]) == ["circle", "diamond", "square", "triangle"]
+    assert len(written["pr_curves"]["AP50"]) == len(written["pr_curves"]["recall"]) == 101
+    assert Path(cfg.pr_curves_file).stat().st_size > 1000
 
     images = run_dir / "demo_data" / "val"
     cfg = compose_cfg("predict", [*TINY, f"ckpt_path={last}", f"input={images}", f"data.root={run_dir / 'demo_data'}",
@@ -90,3 +96,7 @@ def test_multirun_two_jobs(tmp_path):
     assert [j.name for j in jobs] == ["0", "1"]
     lrs = [OmegaConf.load(job / ".hydra" / "config.yaml").optimizer.lr for job in jobs]
     assert lrs == [1e-4, 2e-4]
+    for job in jobs:  # Hydra's log file gets the run's log (Lightning's messages included) and the AP table
+        log = (job / "train.log").read_text()
+        assert "`Trainer.fit` stopped" in log and "Running in `fast_dev_run` mode" in log, log[-2000:]
+        assert "COCO box AP" in log and "AR@100" in log and "APl" in log, log[-2000:]

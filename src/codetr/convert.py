@@ -25,7 +25,7 @@ Every key is accounted for: keys that no rule knows, and (with an expected ``key
 ``state_dict()``) keys absent from the table, missing expected keys and shape mismatches raise
 :class:`ConversionError` listing them. With ``num_classes`` different from the checkpoint's, the class-dependent
 tensors (``cls_branches``, DN label embedding, ATSS ``atss_cls``, RoI ``fc_cls`` / ``fc_reg``) are dropped and listed
-(the model keeps its fresh initialisation for them; see :func:`load_detector_weights`).
+(the model keeps its fresh initialisation for them; see :func:`codetr.checkpoint_io.load_detector_weights`).
 
 With ``--recipe`` the output also describes its model (``codetr_model``: the recipe's detector config, test
 resizing, normalisation and the class names of ``--class-names``, a text file with one name per line or a JSON
@@ -46,13 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from codetr.checkpoint_io import load_weights_file, unwrap_state_dict
+from codetr.checkpoint_io import (
+    PREFIX,
+    CheckpointMismatchError,
+    check_against,
+    detector_state,
+    is_class_dependent,
+    load_weights_file,
+    num_classes_of,
+    unwrap_state_dict,
+)
 from codetr.models.backbones.swin import swin_naming, swin_to_codetr
 
 log = logging.getLogger(__name__)
-PREFIX = "detector."
 # ATSS ``Scale`` multipliers: 0-d in the reference, (1,) in codetr (FSDP2 cannot shard 0-d parameters).
 _SCALAR_TO_1D = r"bbox_head\.\d+\.scales\.\d+\.scale"
 TOP_LEVEL = ("backbone.", "neck.", "query_head.", "rpn_head.", "roi_head.", "bbox_head.")
@@ -96,16 +104,10 @@ QUERY_HEAD_KEYS = [
     r"query_head\.transformer\.(pos_trans|pos_trans_norm|pos_feats_trans\.\d+|pos_feats_norm\.\d+)\." + _WB,
     r"query_head\.transformer\.head_pos_embed\.weight",
 ]
-CLASS_DEPENDENT = [
-    r"query_head\.cls_branches\.\d+\.(weight|bias)",
-    r"query_head\.dn_generator\.label_embedding\.weight",
-    r"bbox_head\.\d+\.atss_cls\.(weight|bias)",
-    r"roi_head\.\d+\.bbox_head\.fc_(cls|reg)\.(weight|bias)",
-]
 MMCV_LEFTOVERS = (".attentions.", ".ffns.", ".norms.")
 
 
-class ConversionError(RuntimeError):
+class ConversionError(CheckpointMismatchError):
     """A checkpoint key could not be mapped, or the result does not match the expected table."""
 
 
@@ -117,10 +119,6 @@ class Conversion:
     dropped_class_dependent: list[str] = field(default_factory=list)
     source_num_classes: int | None = None
     backbone_naming: str = "identity"
-
-
-def is_class_dependent(key: str) -> bool:
-    return any(re.fullmatch(p, key) for p in CLASS_DEPENDENT)
 
 
 def _class_agnostic_reg(key: str, state: Mapping[str, Tensor], num_classes: int | None) -> bool:
@@ -155,14 +153,6 @@ def _known(key: str) -> bool:
     if key.startswith("query_head."):
         return any(re.fullmatch(p, key) for p in QUERY_HEAD_KEYS)
     return not any(tok in key for tok in MMCV_LEFTOVERS)
-
-
-def num_classes_of(state: Mapping[str, Tensor]) -> int | None:
-    """K from the first classification branch (``query_head.cls_branches.0.weight`` rows)."""
-    for key in ("query_head.cls_branches.0.weight", "query_head.cls_branches.0.bias"):
-        if key in state:
-            return int(state[key].shape[0])
-    return None
 
 
 def convert_state_dict(
@@ -219,30 +209,11 @@ def convert_state_dict(
             del out.state_dict[key]
     if expected is not None:
         expected = {k: codetr_shape(k, s) for k, s in expected.items()}
-        check_against(out.state_dict, expected, allowed_missing=set(out.dropped_class_dependent))
+        try:
+            check_against(out.state_dict, expected, allowed_missing=set(out.dropped_class_dependent))
+        except CheckpointMismatchError as error:
+            raise ConversionError(str(error)) from error
     return out
-
-
-def check_against(
-    state: Mapping[str, Tensor], expected: Mapping[str, Sequence[int] | torch.Size], allowed_missing: set[str] = frozenset()
-) -> None:
-    """Raise :class:`ConversionError` listing unexpected keys, missing keys and shape mismatches."""
-    unexpected = sorted(k for k in state if k not in expected)
-    missing = sorted(k for k in expected if k not in state and k not in allowed_missing)
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
-        for k, v in state.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k])
-    )
-    problems = []
-    if unexpected:
-        problems.append(f"keys not in the model ({len(unexpected)}): {', '.join(unexpected)}")
-    if missing:
-        problems.append(f"model keys missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-    if problems:
-        raise ConversionError("checkpoint does not match the expected layout:\n  " + "\n  ".join(problems))
 
 
 def read_expected_table(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -266,8 +237,6 @@ def read_expected_table(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def source_state(raw: Mapping) -> dict[str, Tensor]:
     """The state dict to convert: an official checkpoint's, or a codetr checkpoint's detector (EMA preferred)."""
-    from codetr.utils.checkpoints import detector_state
-
     containers = [raw.get(k) for k in ("ema_state_dict", "state_dict")]
     if any(isinstance(c, Mapping) and any(str(k).startswith(PREFIX) for k in c) for c in containers):
         return detector_state(raw, prefer_ema=True)
@@ -303,29 +272,6 @@ def convert_file(
             checkpoint["codetr_model"] = dict(description)
         torch.save(checkpoint, dst)
     return conversion
-
-
-def load_detector_weights(model: nn.Module, state_dict: Mapping[str, Tensor], strict_classes: bool = True) -> list[str]:
-    """Load a converted state dict (``detector.`` prefix optional) into ``model``.
-
-    Class-dependent tensors (see :data:`CLASS_DEPENDENT`) that are absent or have another shape than the model's
-    keep the model's initialisation and are returned (and logged) -- unless ``strict_classes`` is True, which makes
-    any such difference an error. Every other missing / unexpected key or shape mismatch raises.
-    """
-    state = {k.removeprefix(PREFIX): to_codetr_layout(k.removeprefix(PREFIX), v) for k, v in state_dict.items()}
-    own = model.state_dict()
-    reinit = sorted(
-        k for k in own if is_class_dependent(k) and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))
-    )
-    if reinit and strict_classes:
-        raise ConversionError(f"class-dependent tensors differ from the model (pass strict_classes=False to "
-                              f"re-initialise them): {', '.join(reinit)}")
-    state = {k: v for k, v in state.items() if k not in reinit}
-    check_against(state, {k: v.shape for k, v in own.items()}, allowed_missing=set(reinit))
-    model.load_state_dict(state, strict=False)
-    if reinit:
-        log.warning("re-initialised %d class-dependent tensors: %s", len(reinit), ", ".join(reinit))
-    return reinit
 
 
 def read_class_names(path: str | Path) -> list[str]:

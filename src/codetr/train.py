@@ -17,8 +17,9 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from codetr.checkpoint_io import load_detector_weights
 from codetr.utils import check_known_keys, check_targets, instantiate_checked
-from codetr.utils.checkpoints import load_detector_weights
+from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics
 from codetr.utils.run_lock import RunLock, is_launcher_rank_zero
 
@@ -41,7 +42,7 @@ def build_module(cfg: DictConfig, datamodule: Any | None = None) -> CoDETRModule
 
     detector = instantiate_checked(cfg.model.detector)
     if cfg.get("weights"):
-        load_detector_weights(detector, cfg.weights)
+        load_detector_weights(detector, cfg.weights, strict_classes=False)  # fine-tuning: K may differ
     compile_cfg = cfg.model.get("compile")
     if compile_cfg is not None and compile_cfg.enabled:
         from codetr.models.compile import compile_regions
@@ -153,7 +154,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    ap_metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and ("AP" in k or "AR" in k)}
+    ap_metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and k.split("/", 1)[1].startswith(("AP", "AR"))}
     if ap_metrics and trainer.is_global_zero:
         print_metrics(ap_metrics)
     return metrics
@@ -170,6 +171,7 @@ def _finish_wandb() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://codetr.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` (None if it was not logged)."""
+    route_library_logs()  # Lightning's messages into Hydra's <run dir>/train.log too
     try:
         metrics = train(cfg)
     finally:

@@ -51,7 +51,8 @@ def run(device: str = "cpu", repeats: int = 1, images: int = 5000, detections: i
                 xyxy = torch.as_tensor(np.column_stack([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]]), dtype=torch.float32)
                 evaluator.update([image_id], [{"boxes": xyxy, "scores": torch.as_tensor(scores),
                                                "labels": torch.as_tensor(labels)}])
-            ours = evaluator.compute(results_file=Path(tmp) / "results.json")
+            ours = evaluator.compute()
+            evaluator.write_results(Path(tmp) / "results.json")
             ours_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):

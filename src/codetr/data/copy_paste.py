@@ -1,5 +1,6 @@
-"""Copy-Paste (Ghiasi et al.) on two LSJ samples of the same canvas size (spec 8.1), written by hand: v2 has no
-multi-image transform. Without instance masks, each box is pasted as a filled rectangle (box-only fallback)."""
+"""Copy-Paste (Ghiasi et al.) on two LSJ samples of the same canvas size (docs/architecture.md#lsj), written by
+hand: v2 has no multi-image transform. Without instance masks, each box is pasted as a filled rectangle
+(box-only fallback)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""LSJ and DETR-style augmentation pipelines (spec 8) on ``torchvision.transforms.v2`` + ``tv_tensors``.
+"""LSJ and DETR-style augmentation pipelines (docs/architecture.md#data) on ``torchvision.transforms.v2`` +
+``tv_tensors``.
 
 v2 provides flips, resizes (``ScaleJitter``, ``RandomShortestSize``, ``Resize``), padding and box sanitising; the
 few steps it lacks are written here: resizes with the reference's nearest-pixel size rounding, the LSJ jitter +
 "crop to at most S x S" step (fused so masks never exist at the full jittered size), the absolute-range random
-crop, boxes recomputed from masks, the reference's drop-and-redraw box filter, padding to a fixed canvas, and the bookkeeping the model and evaluation need (``image_size`` as the
-model sees it, ``scale_factor`` to map predictions back to the original image).
+crop, boxes recomputed from masks, the reference's drop-and-redraw box filter, padding to a fixed canvas, and the
+bookkeeping the model and evaluation need (``image_size`` as the model sees it, ``scale_factor`` to map
+predictions back to the original image).
 
 Every pipeline maps a sample dict (see :class:`codetr.data.coco.CocoDetection`) to a sample dict with the extra
 keys ``image_size`` ``(h, w)`` and ``scale_factor`` ``(w_scale, h_scale)``.

@@ -1,7 +1,10 @@
-"""COCO and LVIS box AP with faster-coco-eval (numbers identical to pycocotools / the LVIS API), correct under DDP.
+"""COCO and LVIS box AP as a ``torchmetrics.Metric``: faster-coco-eval inside (numbers identical to
+pycocotools / the LVIS API), state kept and synchronised across DDP ranks by torchmetrics.
 
-Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to COCO
-results (``xywh``, category ids) and evaluated against the original annotation file.
+Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to
+COCO results (``xywh``, category ids) and evaluated against the original annotation file. Lightning's
+distributed sampler pads the last batches with repeated images so every rank gets as many; each image is
+counted once (the copy seen first, by the rank-major order of ``update`` calls).
 """
 
 from __future__ import annotations
@@ -13,108 +16,213 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from faster_coco_eval import COCO, COCOeval_faster
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from codetr.data.annotations import load_json
+from codetr.evaluation.summary import (
+    AP_KEYS,
+    NO_OBJECTS,
+    EvaluationDetails,
+    evaluation_details,
+    recall_metrics,
+)
 
 log = logging.getLogger(__name__)
-COCO_KEYS = {"AP_all": "AP", "AP_50": "AP50", "AP_75": "AP75", "AP_small": "APs", "AP_medium": "APm",
-             "AP_large": "APl", "AR_all": "AR", "APr": "APr", "APc": "APc", "APf": "APf"}
+
+# Every metric name an evaluation returns, in display order (``AR@<budget>`` after the budgets actually used).
+COCO_METRICS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR@1",
+    "AR@10",
+    "AR@100",
+    "ARs@100",
+    "ARm@100",
+    "ARl@100",
+)
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
-class CocoEvaluator:
-    """Accumulates detections and computes box AP.
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CocoEvaluator(Metric):
+    """Accumulates detections (``update``) and computes box AP (``compute``), over every DDP rank.
 
     Args:
         annotation_file: ground-truth COCO / LVIS json, or gzipped json (original annotations).
-        category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted json ids.
-        lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections per image).
+        category_ids: contiguous label -> category id (the dataset's ``category_ids``); default: sorted
+            json ids.
+        lvis: LVIS rules (federated negatives / not-exhaustive categories, APr/APc/APf, 300 detections
+            per image).
         max_detections: detections per image kept for evaluation (COCO 100 by protocol; LVIS 300).
+
+    State (1-D tensors, concatenated across ranks by torchmetrics): per image seen, a key unique over ranks
+    (``local index * world + rank``) and its id; per detection, its image's key, ``xyxy`` box (4 values),
+    score and label. After ``compute``, :attr:`results` holds the COCO result records (``bbox`` xywh,
+    ``category_id``) and :attr:`details` the per-class AP and precision-recall curves.
     """
 
-    def __init__(self, annotation_file: str | Path, category_ids: Sequence[int] | None = None, lvis: bool = False,
-                 max_detections: int | None = None):
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        category_ids: Sequence[int] | None = None,
+        lvis: bool = False,
+        max_detections: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
         self.annotation_file = Path(annotation_file)
         if not self.annotation_file.is_file():
             raise FileNotFoundError(f"annotation file not found: {self.annotation_file}")
         self.lvis = lvis
         self.max_detections = max_detections or (300 if lvis else 100)
         self._category_ids = list(category_ids) if category_ids is not None else None
-        self.results: dict[int, list[dict]] = {}
+        for name in ("sample_keys", "sample_ids", "det_keys", "det_labels", "det_boxes", "det_scores"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.results: list[dict[str, Any]] = []
+        self.details = EvaluationDetails()
 
     def category_ids(self, gt: COCO) -> list[int]:
         return self._category_ids or sorted(gt.getCatIds())
 
-    def reset(self) -> None:
-        self.results = {}
+    def _num_samples(self) -> int:
+        return sum(len(keys) for keys in self.sample_keys)
 
-    def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
-        """``detections``: per image ``{boxes (N, 4) xyxy original pixels, scores (N,), labels (N,)}``."""
-        for image_id, det in zip(image_ids, detections):
-            per_image = self.results[int(image_id)] = []
+    def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, Tensor]]) -> None:
+        """``detections``: per image ``{boxes (N, 4) xyxy original pixels, scores (N,), labels (N,)}``; the
+        ``max_detections`` highest scores of each image are kept."""
+        rank, world = _rank_and_world()
+        first = self._num_samples()
+        keys = torch.arange(first, first + len(image_ids), dtype=torch.long) * world + rank
+        det_keys, boxes, scores, labels = [], [], [], []
+        for key, det in zip(keys.tolist(), detections):
             order = det["scores"].argsort(descending=True)[: self.max_detections]
-            boxes = det["boxes"][order].float().cpu()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            for box, score, label in zip(xywh, det["scores"][order].tolist(), det["labels"][order].tolist()):
-                per_image.append({"image_id": int(image_id), "bbox": [round(v, 3) for v in box],
-                                  "score": float(score), "label": int(label)})
+            det_keys.append(torch.full((len(order),), key, dtype=torch.long))
+            boxes.append(det["boxes"][order].float().reshape(-1))
+            scores.append(det["scores"][order].float())
+            labels.append(det["labels"][order].long())
+        device = self.device
+        self.sample_keys.append(keys.to(device))
+        self.sample_ids.append(torch.as_tensor([int(i) for i in image_ids], dtype=torch.long, device=device))
+        self.det_keys.append(
+            torch.cat(det_keys).to(device) if det_keys else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        self.det_boxes.append(torch.cat(boxes).to(device) if boxes else torch.zeros(0, device=device))
+        self.det_scores.append(torch.cat(scores).to(device) if scores else torch.zeros(0, device=device))
+        self.det_labels.append(
+            torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        )
 
-    def _gather(self) -> dict[int, list[dict]]:
-        """Every rank's detections, one entry per image (a ``DistributedSampler`` pads the last batch with repeated
-        images; their identical detections are counted once)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.results)
-            merged: dict[int, list[dict]] = {}
-            for part in gathered:
-                for image_id, detections in part.items():
-                    merged.setdefault(image_id, detections)
-            return merged
-        return self.results
-
-    def coco_results(self, gt: COCO | None = None, per_image: dict[int, list[dict]] | None = None) -> list[dict]:
-        """COCO result entries (``bbox`` xywh, ``category_id``) of all ranks' detections."""
-        gt = gt or self._load_gt()
-        ids = self.category_ids(gt)
-        per_image = self._gather() if per_image is None else per_image
-        return [{"image_id": r["image_id"], "bbox": r["bbox"], "score": r["score"], "category_id": int(ids[r["label"]])}
-                for detections in per_image.values() for r in detections]
+    def _unique_detections(self) -> tuple[list[int], Tensor, Tensor, Tensor, Tensor]:
+        """Image ids seen (sorted) and the detections of each image's first copy: ``image_ids, (N, 4) xyxy
+        boxes, scores, labels`` (CPU)."""
+        if len(self.sample_keys) == 0:  # a list before the DDP sync, a tensor after it
+            return (
+                [],
+                torch.zeros(0, 4),
+                torch.zeros(0),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+            )
+        keys, ids = dim_zero_cat(self.sample_keys).long().cpu(), dim_zero_cat(self.sample_ids).long().cpu()
+        first: dict[int, int] = {}
+        for key, image_id in sorted(zip(keys.tolist(), ids.tolist())):
+            first.setdefault(image_id, key)
+        key_to_image = {key: image_id for image_id, key in first.items()}
+        det_keys = dim_zero_cat(self.det_keys).long().cpu()
+        keep = torch.isin(det_keys, torch.tensor(sorted(key_to_image), dtype=torch.long))
+        det_image_ids = torch.tensor([key_to_image[k] for k in det_keys[keep].tolist()], dtype=torch.long)
+        boxes = dim_zero_cat(self.det_boxes).float().cpu().reshape(-1, 4)[keep]
+        scores = dim_zero_cat(self.det_scores).float().cpu()[keep]
+        labels = dim_zero_cat(self.det_labels).long().cpu()[keep]
+        return sorted(first), boxes, scores, labels, det_image_ids
 
     def _load_gt(self) -> COCO:
-        """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes annotations by
-        id, so a duplicate silently replaces another box and changes AP."""
+        """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes
+        annotations by id, so a duplicate silently replaces another box and changes AP."""
         data = load_json(self.annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(data)
         if len(gt.anns) != len(data.get("annotations", [])):
             counts = Counter(ann.get("id") for ann in data["annotations"])
             repeated = sorted((i for i, n in counts.items() if n > 1), key=str)
-            raise ValueError(f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
-                             f"{repeated[:5]}); COCO evaluation needs unique ids")
+            raise ValueError(
+                f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
+                f"{repeated[:5]}); COCO evaluation needs unique ids"
+            )
         return gt
 
-    def compute(self, results_file: str | Path | None = None) -> dict[str, float]:
-        """AP metrics over the images seen by all ranks (every rank returns the same numbers)."""
+    def _empty_metrics(self) -> dict[str, float]:
+        names = LVIS_METRICS + (f"AR@{self.max_detections}",) if self.lvis else COCO_METRICS
+        return {name: 0.0 for name in names}
+
+    def compute(self) -> dict[str, float]:
+        """AP / AR metrics over the images seen by all ranks (every rank returns the same numbers); ``-1``
+        where the range has no ground truth (e.g. ``APl`` without large objects)."""
         gt = self._load_gt()
-        per_image = self._gather()
-        results = self.coco_results(gt, per_image)
-        image_ids = sorted(per_image)
-        if results_file is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            Path(results_file).write_text(json.dumps(results))
-        if not results:
+        ids = self.category_ids(gt)
+        image_ids, boxes, scores, labels, det_image_ids = self._unique_detections()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        self.results = [
+            {
+                "image_id": image_id,
+                "bbox": [round(v, 3) for v in box],
+                "score": score,
+                "category_id": int(ids[label]),
+            }
+            for image_id, box, score, label in zip(
+                det_image_ids.tolist(), xywh.tolist(), scores.tolist(), labels.tolist()
+            )
+        ]
+        self.details = EvaluationDetails()
+        if not self.results:
             log.warning("no detections to evaluate: AP = 0")
-            return {v: 0.0 for k, v in COCO_KEYS.items() if self.lvis or k not in ("APr", "APc", "APf")}
+            return self._empty_metrics()
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(results)
-            evaluator = COCOeval_faster(gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None)
+            dt = gt.loadRes(self.results)
+            evaluator = COCOeval_faster(
+                gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None
+            )
             evaluator.params.imgIds = image_ids
             if self.lvis:
                 evaluator.params.maxDets = [self.max_detections]
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        stats = evaluator.stats_as_dict
-        return {COCO_KEYS[k]: float(v) for k, v in stats.items() if k in COCO_KEYS}
+        metrics = {AP_KEYS[k]: float(v) for k, v in evaluator.stats_as_dict.items() if k in AP_KEYS}
+        metrics.update(recall_metrics(evaluator.eval["recall"], [int(m) for m in evaluator.params.maxDets]))
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt.loadCats(gt.getCatIds())}
+        num_gt = Counter(
+            int(a["category_id"])
+            for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids))
+            if not a.get("iscrowd", 0)
+        )
+        self.details = evaluation_details(evaluator, names, num_gt)
+        return metrics
+
+    def write_results(self, path: str | Path) -> None:
+        """Writes :attr:`results` (after ``compute``) as a COCO results json (rank 0 only under DDP)."""
+        if _rank_and_world()[0] == 0:
+            Path(path).write_text(json.dumps(self.results))
+
+
+__all__ = ["COCO_METRICS", "LVIS_METRICS", "NO_OBJECTS", "CocoEvaluator"]

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
-from codetr.checkpoint_io import load_weights_file
+from codetr.checkpoint_io import load_detector_weights, load_weights_file
 from codetr.inference.description import MissingDescriptionError, describe, read_description
 from codetr.inference.detector import Detector, build_model
 from codetr.inference.tta import TTAConfig
-from codetr.utils.checkpoints import load_detector_weights_from
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def detector_from_config(cfg: Any) -> Detector:
         log.info("%s does not describe its model: building it from the config", cfg.ckpt_path)
         description = describe(cfg)
     model = build_model(description)
-    load_detector_weights_from(model, checkpoint, prefer_ema=cfg.get("use_ema", True), source=str(cfg.ckpt_path))
+    load_detector_weights(model, checkpoint, prefer_ema=cfg.get("use_ema", True), source=str(cfg.ckpt_path))
     saved_names = (checkpoint.get("hyper_parameters") or {}).get("class_names")
     names = cfg.get("class_names") or description.class_names or saved_names or dataset_class_names(cfg)
     description.class_names = [str(n) for n in names] if names else None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from codetr.checkpoint_io import load_weights_file
+from codetr.checkpoint_io import load_detector_weights, load_weights_file
 from codetr.data.collate import normalize_images
 from codetr.inference.description import ModelDescription, describe_recipe, read_description
 from codetr.inference.inputs import ImageLike, is_single_image, prepare_batch, resize_pipeline, to_uint8_rgb
@@ -78,8 +78,6 @@ class Detector:
         ``recipe`` (+ ``overrides``) describes the model of a checkpoint that carries no description (older files);
         for one that does, they replace it. ``class_names`` replaces the stored names.
         """
-        from codetr.utils.checkpoints import load_detector_weights_from
-
         checkpoint = load_weights_file(path)
         if recipe is not None:
             description = describe_recipe(recipe, overrides)
@@ -88,7 +86,7 @@ class Detector:
         if class_names is not None:
             description.class_names = [str(n) for n in class_names]
         model = build_model(description)
-        load_detector_weights_from(model, checkpoint, prefer_ema=prefer_ema, strict_classes=True, source=str(path))
+        load_detector_weights(model, checkpoint, prefer_ema=prefer_ema, strict_classes=True, source=str(path))
         return cls(model, description, device=device, tta=tta)
 
     @property

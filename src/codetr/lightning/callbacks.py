@@ -1,5 +1,6 @@
 """Callbacks: the ViT-L recipe's exponential-momentum EMA of the weights, and validation images with boxes for
-loggers that take images (W&B, TensorBoard)."""
+loggers that take images (W&B box overlays, TensorBoard images). The W&B evaluation dashboard is in
+:mod:`codetr.lightning.wandb_dashboard`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -28,12 +30,12 @@ def _like(value: Tensor, reference: Tensor) -> Tensor:
 
 
 class ExpMomentumEMA(pl.Callback):
-    """EMA with an exponentially decaying momentum (spec 9, mmdet's ``ExpMomentumEMA``; own implementation):
-    ``m_t = (1 - momentum) * exp(-(t + 1) / warmup) + momentum`` and ``ema = (1 - m_t) * ema + m_t * current``
+    """EMA with an exponentially decaying momentum (docs/architecture.md#optimisation, mmdet's
+    ``ExpMomentumEMA``; own implementation): ``m_t = (1 - momentum) * exp(-(t + 1) / warmup) + momentum`` and ``ema = (1 - m_t) * ema + m_t * current``
     after every optimiser step ``t`` (floating-point parameters and buffers; integer buffers are copied).
     Validation and test run with the averaged weights (swapped in, then back); checkpoints keep the raw weights
     under ``state_dict`` and the averaged ones under ``ema_state_dict`` (keys ``detector.*``), which
-    :func:`codetr.utils.checkpoints.load_detector_state` prefers when present. Under FSDP2 each rank averages its
+    :func:`codetr.checkpoint_io.detector_state` prefers when present. Under FSDP2 each rank averages its
     own shard; checkpoints hold the whole tensors (gathered on save, re-sharded on resume)."""
 
     def __init__(self, momentum: float = 1e-4, warmup: int = 2000):
@@ -114,44 +116,72 @@ class ExpMomentumEMA(pl.Callback):
 
 
 class DetectionImageLogger(pl.Callback):
-    """Logs the first ``num_images`` validation images of each epoch with predicted boxes (score >=
-    ``score_threshold``) to every logger that supports images (WandbLogger ``log_image``, TensorBoard
-    ``add_image``). Boxes are drawn in the network-input frame on the un-normalised uint8 image."""
+    """Logs the first ``num_images`` validation images of each epoch with their boxes. W&B gets box overlays
+    (``wandb.Image`` boxes: ``ground_truth`` and ``predictions`` as separate layers one can toggle, with class
+    names and scores; predictions with score >= ``score_threshold``); TensorBoard (``add_image``) gets the
+    predictions drawn into the pixels. Everything is in the network-input frame (``xyxy`` input pixels) on the
+    un-normalised uint8 image."""
 
     def __init__(self, num_images: int = 4, score_threshold: float = 0.3):
         self.num_images, self.score_threshold = int(num_images), float(score_threshold)
-        self._images: list[Tensor] = []
+        self._samples: list[dict[str, Any]] = []
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._images = []
+        self._samples = []
 
     @torch.no_grad()
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if len(self._images) >= self.num_images or trainer.global_rank != 0:
+        if len(self._samples) >= self.num_images or trainer.global_rank != 0 or trainer.sanity_checking:
             return
         detections = outputs if isinstance(outputs, list) else pl_module.detect_input_frame(batch)
-        for image, det, (h, w) in zip(batch.images, detections, batch.image_sizes.tolist()):
-            if len(self._images) >= self.num_images:
+        for image, det, target, (h, w) in zip(batch.images, detections, batch.targets, batch.image_sizes.tolist()):
+            if len(self._samples) >= self.num_images:
                 break
-            drawn = draw_detections(
-                image[:, :h, :w].cpu(), det["boxes"], det["labels"], det["scores"], pl_module.class_names,
-                self.score_threshold,
-            )
-            self._images.append(drawn)
+            keep = det["scores"] >= self.score_threshold
+            self._samples.append({"image": image[:, :h, :w].cpu(), "boxes": det["boxes"][keep].cpu(),
+                                  "scores": det["scores"][keep].cpu(), "labels": det["labels"][keep].cpu(),
+                                  "gt_boxes": target["boxes"].cpu(), "gt_labels": target["labels"].cpu()})
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._images or trainer.global_rank != 0:
+        if not self._samples or trainer.global_rank != 0:
             return
+        names = pl_module.class_names
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(
-                    key="val/predictions", images=[img.permute(1, 2, 0).numpy() for img in self._images],
-                    step=trainer.global_step,
-                )
+            if isinstance(logger, WandbLogger):
+                images = [wandb_boxes_image(sample, names) for sample in self._samples]
+                logger.log_metrics({"val/predictions": images}, step=trainer.global_step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):
-                for index, img in enumerate(self._images):
-                    logger.experiment.add_image(f"val/predictions/{index}", img, trainer.global_step)
-        self._images = []
+                for index, sample in enumerate(self._samples):
+                    drawn = draw_detections(sample["image"], sample["boxes"], sample["labels"], sample["scores"],
+                                            names, self.score_threshold)
+                    logger.experiment.add_image(f"val/predictions/{index}", drawn, trainer.global_step)
+        self._samples = []
+
+
+def wandb_boxes_image(sample: dict[str, Any], class_names: list[str] | None) -> Any:
+    """``wandb.Image`` of ``sample["image"]`` (uint8 ``(3, H, W)``) with two box layers, ``ground_truth`` and
+    ``predictions`` (``xyxy`` pixels, labels 0..K-1 named by ``class_names``)."""
+    import wandb
+
+    labels = {int(i): name for i, name in enumerate(class_names or [])}
+
+    def layer(boxes: Tensor, classes: Tensor, scores: Tensor | None) -> dict[str, Any]:
+        rows = []
+        for index, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), classes.tolist())):
+            name = labels.get(int(label), str(int(label)))
+            row = {"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
+                   "class_id": int(label), "box_caption": name}
+            if scores is not None:
+                row["scores"] = {"score": float(scores[index])}
+                row["box_caption"] = f"{name} {float(scores[index]):.2f}"
+            rows.append(row)
+        known = {int(c): labels.get(int(c), str(int(c))) for c in classes.tolist()}
+        return {"box_data": rows, "class_labels": {**labels, **known}}
+
+    return wandb.Image(sample["image"].permute(1, 2, 0).numpy(), boxes={
+        "ground_truth": layer(sample["gt_boxes"], sample["gt_labels"], None),
+        "predictions": layer(sample["boxes"], sample["labels"], sample["scores"]),
+    })

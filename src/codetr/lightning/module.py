@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from codetr.data import normalize_images
 from codetr.lightning.nonfinite import NonFiniteStepGuard, nonfinite_terms
@@ -41,7 +42,8 @@ def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
 
 def to_original_frame(detections: Sequence[dict[str, Tensor]], scale_factors: Tensor) -> list[dict[str, Tensor]]:
     """Detections ``xyxy`` in input pixels -> original image pixels: divide by ``scale_factors`` ``(B, 2)``
-    (w_scale, h_scale). LSJ / DETR padding lies bottom/right, so no offset is involved (spec 7 step 4)."""
+    (w_scale, h_scale). LSJ / DETR padding lies bottom/right, so no offset is involved
+    (docs/architecture.md#postprocess)."""
     out = []
     for det, (w_scale, h_scale) in zip(detections, scale_factors.tolist()):
         factor = det["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
@@ -60,7 +62,8 @@ class CoDETRModule(pl.LightningModule):
         pixel_mean / pixel_std: RGB normalisation on the 0-255 scale.
         class_names: K names (predictions / images); optional.
         evaluator_factory: ``callable(stage) -> evaluator`` with ``update(image_ids, detections)`` and
-            ``compute() -> dict[str, float]`` (e.g. :class:`codetr.evaluation.CocoEvaluator`); when None the
+            ``compute() -> dict[str, float]`` (e.g. :class:`codetr.evaluation.CocoEvaluator`, a torchmetrics
+            ``Metric``: moved to the module's device and synchronised across ranks); when None the
             datamodule's ``evaluator(stage)`` is used if it has one, else AP is not computed.
         check_finite: skip optimiser steps whose loss terms or gradients are NaN / inf, with a warning naming the
             terms (:mod:`codetr.lightning.nonfinite`; two host-device transfers per step). Off: no checks.
@@ -95,6 +98,8 @@ class CoDETRModule(pl.LightningModule):
         self.check_finite = check_finite
         self.nonfinite_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
         self._evaluators: dict[str, Any] = {}
+        # the last evaluation's metrics, per-class AP / PR curves and COCO result records (for evaluate, callbacks)
+        self.last_evaluation: dict[str, Any] | None = None
         self.description = dict(description) if description is not None else None
         self.save_hyperparameters(
             {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
@@ -168,7 +173,10 @@ class CoDETRModule(pl.LightningModule):
         return None
 
     def _eval_start(self, stage: str) -> None:
-        self._evaluators[stage] = self._make_evaluator(stage)
+        evaluator = self._make_evaluator(stage)
+        if isinstance(evaluator, Metric):
+            evaluator = evaluator.to(self.device)  # DDP sync gathers the state on the device (NCCL: CUDA tensors)
+        self._evaluators[stage] = evaluator
 
     def _eval_step(self, stage: str, batch: Any) -> list[dict[str, Tensor]]:
         """Feeds the evaluator (original frame); returns the input-frame detections for callbacks."""
@@ -187,6 +195,8 @@ class CoDETRModule(pl.LightningModule):
         # compute() returns the same numbers on every rank (gathered predictions), so no reduction is needed.
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "AP")
+        self.last_evaluation = {"stage": stage, "metrics": metrics, "details": getattr(evaluator, "details", None),
+                                "results": getattr(evaluator, "results", None)}
         return metrics
 
     def on_validation_epoch_start(self) -> None:

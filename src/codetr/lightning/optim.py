@@ -1,4 +1,5 @@
-"""Optimiser parameter groups and learning-rate schedules of the reference recipes (spec 9).
+"""Optimiser parameter groups and learning-rate schedules of the reference recipes
+(docs/architecture.md#optimisation).
 
 * R50 / Swin-L: AdamW, one weight decay for every trainable tensor (norms, biases and embeddings included),
   learning rate x ``backbone_lr_mult`` for every parameter whose name contains ``backbone``, and x
