@@ -1,4 +1,4 @@
-"""Anchor layout of the auxiliary heads, checked against hand-computed values (spec 5, 6.1, pitfall 18)."""
+"""Anchor layout of the auxiliary heads, checked against hand-computed values (docs/architecture.md#atss, #rpn, pitfall 18)."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_swin_large_layout_matches_mmdet_key_table():
     model = SwinTransformer()  # Swin-L defaults
     assert model.out_channels == [192, 384, 768, 1536]
     mm = swin_to_mmdet(model.state_dict())
-    # spec 11.7: 357 entries incl. 24 persistent relative_position_index buffers (not kept by timm / us)
+    # the official Swin-L backbone state dict: 357 entries incl. 24 persistent relative_position_index buffers (not kept by timm / us)
     assert len(mm) == 357 - 24
     shapes = {k: tuple(v.shape) for k, v in mm.items()}
     assert shapes["patch_embed.projection.weight"] == (192, 3, 4, 4)

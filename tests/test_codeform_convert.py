@@ -63,7 +63,8 @@ def test_cli_converted_checkpoint_gives_the_reference_detections(tmp_path):
     detector built from the oracle config with ``load_detector_weights``: the reference's final detections."""
     from codeform_oracle import build_detector, image_sizes
 
-    from codetr.convert import load_detector_weights, main
+    from codetr.checkpoint_io import load_detector_weights
+    from codetr.convert import main
 
     src, dst = tmp_path / "official.pth", tmp_path / "codetr.ckpt"
     torch.save({"state_dict": dict(load("tiny_state_dict.pth")), "meta": {"epoch": 12}}, src)

@@ -1,4 +1,4 @@
-"""Contrastive denoising queries: slot layout, noise ranges and the attention mask (spec 3.9)."""
+"""Contrastive denoising queries: slot layout, noise ranges and the attention mask (docs/architecture.md#denoising)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Parity of the training losses and gradients with the official implementation (spec 4.7 loss keys).
+"""Parity of the training losses and gradients with the official implementation (docs/architecture.md#loss-keys loss keys).
 
 * ``train_seeded``: stock behaviour, ``torch.manual_seed(seed)`` right before the loss, as the oracle did; our
   code draws its random numbers (denoising noise, RPN / RoI samplers, positive-query padding) in the reference's

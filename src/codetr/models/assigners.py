@@ -1,4 +1,4 @@
-"""Box assigners of the auxiliary heads: max-IoU (RPN, RoI head) and ATSS (spec 5, 6).
+"""Box assigners of the auxiliary heads: max-IoU (RPN, RoI head) and ATSS (docs/architecture.md#atss, #faster-rcnn).
 
 Written by hand (no library has them); IoUs come from ``torchvision.ops.box_iou``. The operation order follows
 the reference so that float ties (``==`` on IoUs in low-quality matching, ``topk`` on centre distances) resolve
@@ -81,7 +81,7 @@ class MaxIoUAssigner:
 
 
 class ATSSAssigner:
-    """Adaptive Training Sample Selection (Zhang et al. 2020), spec 5.
+    """Adaptive Training Sample Selection (Zhang et al. 2020), docs/architecture.md#atss.
 
     Per GT: on every level take the ``topk`` priors whose centres are closest to the GT centre; the IoU
     threshold is mean + unbiased std of these candidates' IoUs; a candidate is positive if its IoU reaches the

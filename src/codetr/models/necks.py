@@ -1,4 +1,4 @@
-"""Necks: ChannelMapper (spec 2.2, R50 / Swin-L) and the simple feature pyramid SFP (spec 2.4, ViT-L).
+"""Necks: ChannelMapper (docs/architecture.md#channel-mapper, R50 / Swin-L) and the simple feature pyramid SFP (docs/architecture.md#vit-sfp, ViT-L).
 
 Both return a list of ``(B, out_channels, H_l, W_l)`` maps, strides 4, 8, 16, 32, 64 for the 5-level setting.
 Parameter names follow mmdet / the original repository so official ``neck.*`` weights load unchanged:
@@ -103,7 +103,7 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
 
 
 class SFP(nn.Module):
-    """Simple feature pyramid from one stride-16 ViT map (spec 2.4).
+    """Simple feature pyramid from one stride-16 ViT map (docs/architecture.md#vit-sfp).
 
     "LN" is a channel-wise LayerNorm at every pixel (eps 1e-6, timm ``LayerNorm2d``), GELU activations, nearest x2
     upsampling, 3x3/s2/p1 max-pooling, every conv bias-free:

@@ -1,4 +1,4 @@
-"""Main-head post-processing, one part shared by evaluation, prediction and export (spec 7).
+"""Main-head post-processing, one part shared by evaluation, prediction and export (docs/architecture.md#postprocess).
 
 :class:`PostProcessor` turns the last decoder layer's logits and boxes into detections:
 

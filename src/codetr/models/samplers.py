@@ -1,4 +1,4 @@
-"""Random positive / negative sampler of the RPN and RoI head (spec 6), written by hand.
+"""Random positive / negative sampler of the RPN and RoI head (docs/architecture.md#faster-rcnn), written by hand.
 
 Randomness is pinned to the reference: a subset is drawn with ``torch.randperm(n)`` on the CPU default
 generator, only when there are more candidates than wanted (positives first, then negatives), and each

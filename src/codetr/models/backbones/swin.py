@@ -1,4 +1,4 @@
-"""Swin Transformer backbone (spec 2.3) from timm's Swin modules, run with the detection-Swin windowing.
+"""Swin Transformer backbone (docs/architecture.md#swin) from timm's Swin modules, run with the detection-Swin windowing.
 
 The parameters are timm's ``swin_large_patch4_window12_384`` modules (``patch_embed``, ``layers.{s}`` with the
 patch merging at the *start* of stages 1..3, ``blocks.{j}.attn.qkv`` ...) plus four output LayerNorms ``norm{0..3}``
@@ -52,7 +52,7 @@ class SwinTransformer(nn.Module):
         embed_dims: width of stage 0 (stage s has ``embed_dims * 2**s``).
         depths / num_heads: blocks and heads per stage.
         window_size, mlp_ratio, qkv_bias, patch_size: architecture (qk scale = head_dim ** -0.5).
-        drop_path_rate: stochastic depth, linear over all blocks from 0 (recipe-dependent, spec 2.3).
+        drop_path_rate: stochastic depth, linear over all blocks from 0 (recipe-dependent, docs/architecture.md#swin).
         attn_drop_rate, drop_rate: dropouts (0 in every recipe).
         out_indices: stages returned (0..3 -> strides 4, 8, 16, 32).
         with_cp: activation checkpointing per block (``use_reentrant=False``; no numerical effect).

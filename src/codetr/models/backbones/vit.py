@@ -1,4 +1,4 @@
-"""EVA-02-style plain ViT backbone of the original Co-DETR ViT-L configs (spec 2.4), one stride-16 output map.
+"""EVA-02-style plain ViT backbone of the original Co-DETR ViT-L configs (docs/architecture.md#vit-sfp), one stride-16 output map.
 
 A compact own implementation (timm's ``Eva`` uses other parameter names and a cls-token model; its weights are
 converted on loading, :func:`eva_from_timm`), with the original repository's parameter names so Co-DETR ViT-L

@@ -1,5 +1,5 @@
 """Co-DETR's customised positive queries: turn an auxiliary head's positive boxes into decoder queries and
-one-to-one targets (spec 3.10). Written by hand: Co-DETR-specific.
+one-to-one targets (docs/architecture.md#positive-queries). Written by hand: Co-DETR-specific.
 
 Randomness (which positives to keep when there are too many, which negatives pad the rest) is drawn with
 ``torch.randperm`` on the CPU default generator, image by image, as the reference does.

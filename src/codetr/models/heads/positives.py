@@ -1,4 +1,4 @@
-"""What an auxiliary head hands to the query head's customised positive queries (spec 3.10, 5, 6.2)."""
+"""What an auxiliary head hands to the query head's customised positive queries (docs/architecture.md#positive-queries, #atss, #roi-head)."""
 
 from __future__ import annotations
 

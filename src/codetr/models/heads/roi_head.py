@@ -1,4 +1,4 @@
-"""RoI head of Co-DETR's Faster R-CNN auxiliary branch (``CoStandardRoIHead``, spec 6.2, keys spec 11.5).
+"""RoI head of Co-DETR's Faster R-CNN auxiliary branch (``CoStandardRoIHead``, docs/architecture.md#roi-head, keys docs/architecture.md#state-dict).
 
 Per image: max-IoU assignment (0.5) of the RPN proposals, GT boxes prepended as candidates, random sampling of
 512 RoIs (<= 25 % positives). RoI features: ``torchvision.ops.roi_align`` (aligned, adaptive sampling; identical

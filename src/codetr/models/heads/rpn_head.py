@@ -1,4 +1,4 @@
-"""RPN of Co-DETR's Faster R-CNN auxiliary branch (spec 6.1, state-dict keys spec 11.4).
+"""RPN of Co-DETR's Faster R-CNN auxiliary branch (docs/architecture.md#rpn, state-dict keys docs/architecture.md#state-dict).
 
 Runs on the 6-level auxiliary pyramid (strides 4..128) with class-agnostic GT (the detector zeroes the labels; any
 positive anchor is foreground here). Every anchor on a valid location takes part, also those crossing the image
@@ -185,7 +185,7 @@ class RPNHead(nn.Module):
         nms_pre: int,
         max_per_img: int,
     ) -> list[tuple[Tensor, Tensor]]:
-        """Per image ``(boxes (N, 4) xyxy clipped, scores (N,) sigmoid)``, best first (spec 6.1).
+        """Per image ``(boxes (N, 4) xyxy clipped, scores (N,) sigmoid)``, best first (docs/architecture.md#rpn).
 
         Every anchor takes part, also those over the padded area (the reference does the same at this step).
         """
@@ -217,7 +217,7 @@ class RPNHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, feats: Sequence[Tensor], image_sizes: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Test-time proposals (spec 1.3 'two-stage'): per image ``(boxes (N, 4), scores (N,))``."""
+        """Test-time proposals (docs/architecture.md#inference 'two-stage'): per image ``(boxes (N, 4), scores (N,))``."""
         logits, deltas = self.forward(feats)
         feat_sizes = [f.shape[-2:] for f in feats]
         return self.proposals(

@@ -1,5 +1,5 @@
 """Deformable-DETR decoders: self-attention, deformable cross-attention, FFN (post-norm) with iterative box
-refinement and "look forward twice" (spec 3.7).
+refinement and "look forward twice" (docs/architecture.md#decoder).
 
 :class:`DeformableDecoder` (Co-Deformable-DETR) keeps the query position it is given for every layer and returns
 the raw layer outputs; :class:`DinoDecoder` (Co-DINO) recomputes the position from each layer's input box

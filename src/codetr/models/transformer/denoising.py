@@ -1,4 +1,4 @@
-"""Contrastive denoising (CDN) queries of DINO (spec 3.9), written by hand.
+"""Contrastive denoising (CDN) queries of DINO (docs/architecture.md#denoising), written by hand.
 
 Random draws happen on the CPU default generator in a fixed order (label flips, new labels, box-noise signs,
 box-noise magnitudes) so a run with a fixed seed reproduces the reference implementation's noise exactly.

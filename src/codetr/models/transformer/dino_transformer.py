@@ -1,5 +1,5 @@
 """The DINO transformer of Co-DINO: deformable encoder, two-stage proposals with mixed query selection,
-DINO decoder, and the decoder pass for Co-DETR's customised positive queries (spec 3.1-3.10)."""
+DINO decoder, and the decoder pass for Co-DETR's customised positive queries (docs/architecture.md#encoder-inputs-3.10)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class DinoTransformer(TwoStageTransformer):
     def forward_aux(
         self, state: EncoderState, boxes: Tensor, head_index: int, reg_branches: nn.ModuleList
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Decoder pass on customised positive queries of auxiliary branch ``head_index`` (spec 3.10).
+        """Decoder pass on customised positive queries of auxiliary branch ``head_index`` (docs/architecture.md#positive-queries).
 
         ``boxes``: ``(B, M, 4)`` normalised cxcywh candidate boxes (references and content source).
         No denoising, no attention mask. Returns the decoder's (hidden, references).

@@ -1,4 +1,4 @@
-"""Deformable-DETR encoder: post-norm layers of multi-scale deformable self-attention + FFN (spec 3.2-3.3)."""
+"""Deformable-DETR encoder: post-norm layers of multi-scale deformable self-attention + FFN (docs/architecture.md#encoder-reference-points-3.3)."""
 
 from __future__ import annotations
 

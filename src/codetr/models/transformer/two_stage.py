@@ -1,6 +1,6 @@
 """What the two-stage deformable transformers of Co-DINO and Co-Deformable-DETR share: the deformable encoder
 over the flattened pyramid, the per-token encoder proposals and their scoring by the head's last branches
-(spec 3.1-3.5). Subclasses add the query selection and the decoder."""
+(docs/architecture.md#encoder-inputs-3.5). Subclasses add the query selection and the decoder."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class TwoStageTransformer(nn.Module):
         return EncoderState(memory, mask, layout, valid_ratios)
 
     def encoder_proposals(self, state: EncoderState) -> tuple[Tensor, Tensor]:
-        """Fixed-size proposal per token (spec 3.5).
+        """Fixed-size proposal per token (docs/architecture.md#two-stage-proposals).
 
         Returns ``output_memory`` ``(B, N, C)`` (= LN(Linear(memory)) with padded/invalid rows zeroed first) and
         ``proposals`` ``(B, N, 4)`` cxcywh logits, +inf where padded or too close to the border.
