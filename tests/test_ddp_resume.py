@@ -28,7 +28,8 @@ def test_two_process_ddp_run_resumes_from_its_last_checkpoint(compose_cfg, tmp_p
     train(resumed)
     final = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=True)
-    assert final["global_step"] == 2 * steps_per_epoch and final["epoch"] == 2
+    # the final last.ckpt is the epoch-end one of the second epoch (index 1; codetr.lightning.step_checkpoint)
+    assert final["global_step"] == 2 * steps_per_epoch and final["epoch"] == 1
     # the schedule continued: the epoch-1 milestone (applied before the first checkpoint) is neither lost nor repeated
     assert state["lr_schedulers"][0]["last_epoch"] == 1 and final["lr_schedulers"][0]["last_epoch"] == 2
     base_lr = state["lr_schedulers"][0]["base_lrs"][0]

@@ -249,7 +249,8 @@ def test_lightning_fsdp2_run_writes_a_full_checkpoint_and_resumes(compose_cfg, t
     second = tmp_path / "second"
     _train(second, tmp_path, 2, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
     final = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert final["global_step"] == 4 and final["epoch"] == 2
+    # the final last.ckpt is the epoch-end one of the second epoch (index 1; codetr.lightning.step_checkpoint)
+    assert final["global_step"] == 4 and final["epoch"] == 1
     assert final["lr_schedulers"][0]["last_epoch"] == 2
     steps = {float(entry["step"]) for entry in final["optimizer_states"][0]["state"].values()}
     assert steps == {4.0}  # AdamW's moments continued from the checkpoint (not restarted)
