@@ -1,4 +1,5 @@
-"""Anchor layout of the auxiliary heads, checked against hand-computed values (docs/architecture.md#atss, #rpn, pitfall 18)."""
+"""Anchor layout of the auxiliary heads, checked against hand-computed values
+(docs/architecture.md#atss, #rpn, pitfall 18)."""
 
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ def test_swin_large_layout_matches_mmdet_key_table():
     model = SwinTransformer()  # Swin-L defaults
     assert model.out_channels == [192, 384, 768, 1536]
     mm = swin_to_mmdet(model.state_dict())
-    # the official Swin-L backbone state dict: 357 entries incl. 24 persistent relative_position_index buffers (not kept by timm / us)
+    # the official Swin-L backbone state dict: 357 entries incl. 24 persistent relative_position_index buffers
+    # (not kept by timm / us)
     assert len(mm) == 357 - 24
     shapes = {k: tuple(v.shape) for k, v in mm.items()}
     assert shapes["patch_embed.projection.weight"] == (192, 3, 4, 4)
@@ -369,12 +370,15 @@ def test_swin_shifted_window_attention_pads_before_shifting():
     out = torch.zeros(hp, wp, c)
     for i in range(hp):
         for j in range(wp):
-            keys = [(a, b) for a in range(i // ws * ws, i // ws * ws + ws) for b in range(j // ws * ws, j // ws * ws + ws)]
+            keys = [
+                (a, b) for a in range(i // ws * ws, i // ws * ws + ws) for b in range(j // ws * ws, j // ws * ws + ws)
+            ]
             q_idx = (i % ws) * ws + j % ws
             per_head = []
             for hd in range(heads):
                 logits = torch.stack([
-                    (qkv[i, j, 0, hd] * qkv[a, b, 1, hd]).sum() * head_dim**-0.5 + bias[hd, q_idx, (a % ws) * ws + b % ws]
+                    (qkv[i, j, 0, hd] * qkv[a, b, 1, hd]).sum() * head_dim**-0.5
+                    + bias[hd, q_idx, (a % ws) * ws + b % ws]
                     + (0.0 if (region(a, hp), region(b, wp)) == (region(i, hp), region(j, wp)) else -100.0)
                     for a, b in keys
                 ])

@@ -17,7 +17,8 @@ K = 3
 def detector(aux=True):
     torch.manual_seed(0)
     transformer = DinoTransformer(embed_dims=64, num_heads=4, num_levels=5, num_points=2, num_encoder_layers=1,
-                                  num_decoder_layers=2, ffn_dims=64, num_queries=30,  # width 64: GN(32) needs >1 value per group
+                                  # width 64: GN(32) needs >1 value per group
+                                  num_decoder_layers=2, ffn_dims=64, num_queries=30,
                                   num_co_heads=2 if aux else 0)
     head = CoDINOHead(K, transformer, num_dn_queries=6)
     heads = {}
@@ -31,7 +32,8 @@ def detector(aux=True):
 def batch():
     images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     sizes = torch.tensor([[96, 128], [80, 96]])
-    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 120.0, 90.0]]), "labels": torch.tensor([0, 2])},
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 120.0, 90.0]]),
+                "labels": torch.tensor([0, 2])},
                {"boxes": torch.tensor([[5.0, 5.0, 40.0, 70.0]]), "labels": torch.tensor([1])}]
     return images, sizes, targets
 
@@ -40,8 +42,9 @@ def test_training_returns_every_reference_loss_group_and_trains_the_encoder_not_
     model = detector().train()
     images, sizes, targets = batch()
     losses = model(images, sizes, targets)
-    for key in ("loss_cls", "d0.loss_iou", "enc_loss_cls", "dn_loss_bbox", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls0",
-                "loss_bbox0", "acc0", "loss_cls1", "loss_bbox1", "loss_centerness1", "loss_cls_aux0", "d0.loss_iou_aux1"):
+    for key in ("loss_cls", "d0.loss_iou", "enc_loss_cls", "dn_loss_bbox", "loss_rpn_cls", "loss_rpn_bbox",
+                "loss_cls0", "loss_bbox0", "acc0", "loss_cls1", "loss_bbox1", "loss_centerness1", "loss_cls_aux0",
+                "d0.loss_iou_aux1"):
         assert key in losses, key
     # 2 decoder layers: matching 6, enc 3, dn 6, rpn 2, roi 2 + acc, atss 3, positive queries 2 x 6
     assert len(losses) == 6 + 3 + 6 + 2 + 3 + 3 + 12
@@ -71,8 +74,9 @@ def test_plain_dino_variant_has_only_detr_losses():
     model = detector(aux=False).train()
     images, sizes, targets = batch()
     losses = model(images, sizes, targets)
-    assert set(losses) == {f"{p}{q}loss_{t}" for p in ("", "d0.") for q in ("", "dn_") for t in ("cls", "bbox", "iou")} | {
-        "enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"}
+    assert set(losses) == {
+        f"{p}{q}loss_{t}" for p in ("", "d0.") for q in ("", "dn_") for t in ("cls", "bbox", "iou")
+    } | {"enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"}
 
 
 def test_training_without_targets_is_a_clear_error():

@@ -38,8 +38,8 @@ def run():
         for hook in hooks:
             hook.remove()
         detections = detector(images, sizes)
-    return {"record": record, "detector": detector, "logits": logits, "boxes": boxes, "out": out, "detections": detections,
-            "inter": load("tiny_intermediates.pth"), "eval": load("tiny_outputs.pth")["eval"]}
+    return {"record": record, "detector": detector, "logits": logits, "boxes": boxes, "out": out,
+            "detections": detections, "inter": load("tiny_intermediates.pth"), "eval": load("tiny_outputs.pth")["eval"]}
 
 
 def close(actual, expected, atol=ATOL) -> float:

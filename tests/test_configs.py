@@ -188,8 +188,9 @@ def test_c():
     result.assert_outcomes(**outcome)
 
 
-@pytest.mark.parametrize("choice", ["debug=default", "debug=fdr", "debug=limit", "debug=overfit", "hparams_search=lr_grid",
-                                    "logger=many", "logger=wandb", "callbacks=ema", "callbacks=wandb", "trainer=ddp",
+@pytest.mark.parametrize("choice", ["debug=default", "debug=fdr", "debug=limit", "debug=overfit",
+                                    "hparams_search=lr_grid", "logger=many", "logger=wandb", "callbacks=ema",
+                                    "callbacks=wandb", "trainer=ddp",
                                     "trainer=fsdp", "model=dino", "model=co_deformable_detr", "model=deformable_detr",
                                     "data=lvis", "data=objects365"])
 def test_other_choices_compose(compose_cfg, choice):

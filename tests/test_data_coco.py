@@ -87,7 +87,9 @@ def test_unreadable_images_are_skipped_with_a_counted_warning(tmp_path, caplog):
     (tmp_path / "text.png").write_text("not an image")
     data = (tmp_path / "good.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    images = [{"id": i, "file_name": n, "width": 64, "height": 48} for i, n in enumerate(["text.png", "cut.png", "good.png"])]
+    images = [
+        {"id": i, "file_name": n, "width": 64, "height": 48} for i, n in enumerate(["text.png", "cut.png", "good.png"])
+    ]
     ds = CocoDetection(tmp_path, coco(tmp_path, images, []))
     with caplog.at_level(logging.WARNING):
         for i in range(3):

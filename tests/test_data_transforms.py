@@ -173,7 +173,8 @@ def test_collate_pads_and_normalises_with_zero_padding():
     batch = collate([a, b], size_divisor=8)
     assert batch.images.shape == (2, 3, 40, 64) and batch.images.dtype == torch.uint8
     assert batch.image_sizes.tolist() == [[40, 60], [30, 20]]
-    assert batch.padding_mask[1, 30:].all() and batch.padding_mask[1, :, 20:].all() and not batch.padding_mask[1, :30, :20].any()
+    assert (batch.padding_mask[1, 30:].all() and batch.padding_mask[1, :, 20:].all()
+            and not batch.padding_mask[1, :30, :20].any())
     assert batch.targets[0]["boxes"].tolist() == [[10.0, 5.0, 30.0, 25.0]]
     normalized = normalize_images(batch.images, batch.padding_mask, [100.0] * 3, [50.0] * 3)
     assert normalized.dtype == torch.float32 and (normalized[1, :, 30:] == 0).all()

@@ -29,7 +29,8 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
         results[f"losses{rank}"] = {k: float(losses[k].detach()) for k in SYNCED}
         # one DDP step where rank 1 has no ground truth at all
         wrapped = torch.nn.parallel.DistributedDataParallel(detector().train(), find_unused_parameters=False)
-        local = [targets[0]] if rank == 0 else [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+        local = ([targets[0]] if rank == 0
+                 else [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
         step = wrapped(images[rank : rank + 1], sizes[rank : rank + 1], local)
         sum(v for k, v in step.items() if "loss" in k).backward()
         grad = wrapped.module.query_head.transformer.encoder.layers[0].ffn.fc1.weight.grad

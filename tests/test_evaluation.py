@@ -97,7 +97,8 @@ def test_lvis_mode_reports_frequency_groups(tmp_path):
 
 def test_no_detections_gives_zero_ap(tmp_path):
     evaluator = CocoEvaluator(ground_truth(tmp_path))
-    evaluator.update([1], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}])
+    evaluator.update([1], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                            "labels": torch.zeros(0, dtype=torch.long)}])
     assert evaluator.compute()["AP"] == 0.0
 
 
@@ -118,7 +119,8 @@ def _ddp_worker(rank, world, init_file, gt_path, results):
         evaluator = CocoEvaluator(gt_path, category_ids=[1, 2])
         # rank 0 sees image 1, rank 1 sees image 2 and (DistributedSampler padding) image 1 again, with other
         # detections: the copy seen first (rank 0's) counts, once
-        repeated = {"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0]]), "scores": torch.ones(1), "labels": torch.zeros(1).long()}
+        repeated = {"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0]]), "scores": torch.ones(1),
+                    "labels": torch.zeros(1).long()}
         if rank == 0:
             evaluator.update([1], [DETECTIONS[1]])
         else:

@@ -47,7 +47,8 @@ def test_fsdp1_config_wraps_layers_and_saves_full_checkpoints(compose_cfg):
 
 
 def test_fsdp2_config_and_bad_values(compose_cfg):
-    cfg = compose_cfg("train", ["experiment=co_dino_vit_l_coco", "trainer=fsdp", "trainer.strategy.reduce_dtype=bfloat16"])
+    cfg = compose_cfg("train", ["experiment=co_dino_vit_l_coco", "trainer=fsdp",
+                                "trainer.strategy.reduce_dtype=bfloat16"])
     strategy = instantiate_checked(cfg.trainer.strategy)
     assert isinstance(strategy, FullyShardedStrategy)
     assert {DeformableEncoderLayer, DinoDecoderLayer, ViTBlock} <= set(strategy.wrap_layers)
@@ -172,7 +173,8 @@ def _backbones() -> dict[str, torch.nn.Module]:
     from codetr.models.backbones import ResNet
 
     torch.manual_seed(0)
-    return {"resnet": ResNet(base_channels=8), "swin": _small_swin(with_cp=True), "vit": _small_vit(use_checkpoint=True)}
+    return {"resnet": ResNet(base_channels=8), "swin": _small_swin(with_cp=True),
+            "vit": _small_vit(use_checkpoint=True)}
 
 
 def _backbone_worker(rank: int, world: int, init_file: str, wrap_layers: list[str], results: dict) -> None:
@@ -194,7 +196,8 @@ def _backbone_worker(rank: int, world: int, init_file: str, wrap_layers: list[st
             worst = max(float((a - b).detach().abs().max()) for a, b in zip(expected, got, strict=True))
             for (key, p), (_, q) in zip(model.named_parameters(), shard.named_parameters(), strict=True):
                 if p.grad is not None:
-                    worst = max(worst, float((q.grad.full_tensor() - p.grad).abs().max() / (p.grad.abs().max() + 1e-12)))
+                    worst = max(worst, float((q.grad.full_tensor() - p.grad).abs().max()
+                                             / (p.grad.abs().max() + 1e-12)))
             results[f"{name}{rank}"] = (units, worst)
     finally:
         dist.destroy_process_group()

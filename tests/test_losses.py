@@ -73,7 +73,9 @@ def test_main_head_loss_has_no_data_dependent_host_sync():
     g = torch.Generator().manual_seed(0)
     b, q = 2, 30
     labels = torch.randint(0, 6, (b, q), generator=g)
-    box_targets = torch.cat([torch.rand(b, q, 2, generator=g) * 0.5 + 0.25, torch.rand(b, q, 2, generator=g) * 0.3 + 0.05], -1)
+    box_targets = torch.cat(
+        [torch.rand(b, q, 2, generator=g) * 0.5 + 0.25, torch.rand(b, q, 2, generator=g) * 0.3 + 0.05], -1
+    )
     box_weights = (labels < 5).float()[..., None].expand(b, q, 4)
     box_targets = box_targets * box_weights
     args = (torch.randn(b, q, 5, generator=g), torch.rand(b, q, 4, generator=g) * 0.5 + 0.2, labels,

@@ -18,7 +18,9 @@ def test_class_cost_prefers_the_confident_query():
     matcher = HungarianMatcher(class_weight=1.0, l1_weight=0.0, giou_weight=0.0)
     logits = torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]])
     boxes = torch.full((1, 2, 4), 0.5)
-    (queries, gts), = matcher(logits, boxes, [torch.tensor([[0.5, 0.5, 0.5, 0.5]])], [torch.tensor([1])], torch.ones(1, 4))
+    (queries, gts), = matcher(
+        logits, boxes, [torch.tensor([[0.5, 0.5, 0.5, 0.5]])], [torch.tensor([1])], torch.ones(1, 4)
+    )
     assert queries.tolist() == [1] and gts.tolist() == [0]
 
 

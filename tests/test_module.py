@@ -70,7 +70,8 @@ def test_training_step_sums_every_loss_term_and_logs_each(module):
 
 
 def test_total_loss_ignores_non_loss_keys_and_sums_lists():
-    terms = {"loss_a": torch.tensor(1.0), "acc0": torch.tensor(90.0), "d0.loss_b": [torch.tensor(2.0), torch.tensor(3.0)]}
+    terms = {"loss_a": torch.tensor(1.0), "acc0": torch.tensor(90.0),
+             "d0.loss_b": [torch.tensor(2.0), torch.tensor(3.0)]}
     assert total_loss(terms).item() == 6.0
 
 
@@ -102,7 +103,8 @@ def test_multistep_schedule_and_warmup():
     model = torch.nn.Module()
     model.w = weight
     optimizer = build_optimizer(model, {"lr": 1.0, "weight_decay": 0.0})
-    schedulers = build_schedulers(optimizer, {"milestones": [11], "gamma": 0.1, "warmup_iters": 4, "warmup_ratio": 0.01})
+    schedulers = build_schedulers(optimizer,
+                                  {"milestones": [11], "gamma": 0.1, "warmup_iters": 4, "warmup_ratio": 0.01})
     warmup, step = schedulers[0]["scheduler"], schedulers[1]["scheduler"]
     assert schedulers[0]["interval"] == "step" and schedulers[1]["interval"] == "epoch"
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)

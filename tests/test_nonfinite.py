@@ -91,7 +91,8 @@ def test_bad_step_is_skipped_and_named(tmp_path, caplog, kind):
     assert torch.equal(history[1], history[0]), "the bad step changed the weights"
     assert not torch.equal(history[2], history[1]), "training did not go on after the bad step"
     assert all(torch.isfinite(h).all() for h in history)
-    expected = {"nan_loss": "loss_bbox=nan", "nan_grad": "non-finite gradients with finite loss terms (backbone.weight)",
+    expected = {"nan_loss": "loss_bbox=nan",
+                "nan_grad": "non-finite gradients with finite loss terms (backbone.weight)",
                 "nan_match": "loss_cls=nan"}
     assert "step 1 skipped" in caplog.text and expected[kind] in caplog.text
     assert module.nonfinite_guard.skipped_total == 1 and module.nonfinite_guard.consecutive == 0

@@ -39,8 +39,8 @@ def eval_run():
         for h in hooks:
             h.remove()
         detections = detector(images, sizes)
-    return {"inter": inter, "outputs": load("tiny_outputs.pth")["eval"], "inputs": inputs, "record": record, "logits": logits,
-                "boxes": boxes, "out": out, "detections": detections}
+    return {"inter": inter, "outputs": load("tiny_outputs.pth")["eval"], "inputs": inputs, "record": record,
+            "logits": logits, "boxes": boxes, "out": out, "detections": detections}
 
 
 def close(actual, expected, atol=ATOL):
@@ -104,7 +104,9 @@ def test_final_detections(eval_run):
     """Detections un-scaled to the original image like the reference. The 300th score is only ~1e-5 above the
     301st, so the set may differ at the tail: the top 100 must agree in order, and >= 97 % overall."""
     worst = 0.0
-    for ours, ref, meta in zip(eval_run["detections"], eval_run["outputs"]["detections"], eval_run["inputs"]["img_metas"]):
+    for ours, ref, meta in zip(
+        eval_run["detections"], eval_run["outputs"]["detections"], eval_run["inputs"]["img_metas"]
+    ):
         scale = torch.tensor(meta["scale_factor"], dtype=torch.float32).repeat(2)
         boxes = ours["boxes"] / scale
         top = min(100, len(ref["scores"]))

@@ -1,4 +1,5 @@
-"""Parity of the training losses and gradients with the official implementation (docs/architecture.md#loss-keys loss keys).
+"""Parity of the training losses and gradients with the official implementation
+(docs/architecture.md#loss-keys loss keys).
 
 * ``train_seeded``: stock behaviour, ``torch.manual_seed(seed)`` right before the loss, as the oracle did; our
   code draws its random numbers (denoising noise, RPN / RoI samplers, positive-query padding) in the reference's
@@ -89,7 +90,9 @@ def test_seeded_gradients_with_replayed_proposals_match_to_rounding():
     rest: the gradients must then agree to float32 rounding, far inside the 1e-3 of the test below."""
     require_oracle()
     detector = build_detector()
-    recorded = [(r["bboxes"], r["scores"]) for r in load("tiny_outputs.pth")["train_seeded"]["records"]["roi_proposals"]]
+    recorded = [
+        (r["bboxes"], r["scores"]) for r in load("tiny_outputs.pth")["train_seeded"]["records"]["roi_proposals"]
+    ]
     if detector.rpn_head is None:
         pytest.skip("auxiliary heads are not available")
     with mock.patch.object(detector.rpn_head, "proposals", lambda *args, **kwargs: recorded):

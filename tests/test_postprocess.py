@@ -6,7 +6,9 @@ from codetr.models.postprocess import postprocess, soft_nms
 
 
 def test_soft_nms_decays_overlapping_boxes_of_the_same_class_only():
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0], [0.0, 0.0, 10.0, 9.5], [50.0, 50.0, 60.0, 60.0]])
+    boxes = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0], [0.0, 0.0, 10.0, 9.5], [50.0, 50.0, 60.0, 60.0]]
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 1, 0])
     keep, new = soft_nms(boxes, scores, labels, iou_threshold=0.8, min_score=1e-3)

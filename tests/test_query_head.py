@@ -57,7 +57,9 @@ def test_positive_query_losses_train_their_projection_and_the_shared_decoder():
     positives = SimpleNamespace(
         coords=[torch.tensor([[10.0, 12.0, 38.0, 30.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([[4.0, 6.0, 21.0, 24.0]])],
         labels=[torch.tensor([1, 5]), torch.tensor([0])],
-        targets=[torch.tensor([[10.0, 10.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]), torch.tensor([[5.0, 5.0, 20.0, 25.0]])],
+        targets=[
+            torch.tensor([[10.0, 10.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]), torch.tensor([[5.0, 5.0, 20.0, 25.0]])
+        ],
     )
     losses = head.loss_positive_queries(state, positives, 1, sizes)
     assert set(losses) == {f"{p}loss_{t}_aux" for p in ("", "d0.", "d1.") for t in ("cls", "bbox", "iou")}

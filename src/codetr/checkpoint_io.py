@@ -147,7 +147,9 @@ def num_classes_of(state: Mapping[str, Tensor]) -> int | None:
 
 
 def check_against(
-    state: Mapping[str, Tensor], expected: Mapping[str, Sequence[int] | torch.Size], allowed_missing: set[str] = frozenset()
+    state: Mapping[str, Tensor],
+    expected: Mapping[str, Sequence[int] | torch.Size],
+    allowed_missing: set[str] = frozenset(),
 ) -> None:
     """Raise :class:`CheckpointMismatchError` listing unexpected keys, missing keys and shape mismatches."""
     unexpected = sorted(k for k in state if k not in expected)

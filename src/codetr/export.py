@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     start = time.perf_counter()
     path = detector.export(args.out, export_format, opset=args.opset)
-    print(f"wrote {path} ({export_format}, {path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {path} ({export_format}, {path.stat().st_size / 2**20:.1f} MiB) "
+          f"in {time.perf_counter() - start:.0f} s")
     if args.check:
         eager, exported = inference_model(detector), load_exported(path, export_format)
         for batch, height, width in ((1, 160, 192), (2, 224, 160)):

@@ -154,7 +154,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    ap_metrics = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and k.split("/", 1)[1].startswith(("AP", "AR"))}
+    ap_metrics = {
+        k: v for k, v in metrics.items()
+        if k.startswith(("val/", "test/")) and k.split("/", 1)[1].startswith(("AP", "AR"))
+    }
     if ap_metrics and trainer.is_global_zero:
         print_metrics(ap_metrics)
     return metrics

@@ -1,4 +1,5 @@
-"""``python -m codetr.bench [--suites attention,model,data,evaluation,memory,inference] [--device cpu] [--out bench/results]``.
+"""``python -m codetr.bench [--suites attention,model,data,evaluation,memory,inference] [--device cpu]
+[--out bench/results]``.
 
 Prints one table per suite and writes every row to ``<out>/<suite>-<timestamp>.json`` (machine, threads,
 parameters, all repeat times, median, min, peak memory).

@@ -40,6 +40,7 @@ def run(image_size: int = 512, device: str = "cpu", repeats: int = 3, heads: int
         with torch.no_grad():
             rows.append(measure(f"msda {name} fwd", lambda fn=fn: fn(value, shapes, locations, weights),
                                 {**params, "impl": name}, device, repeats))
-        rows.append(measure(f"msda {name} fwd+bwd", lambda fn=fn: fn(value, shapes, locations, weights).sum().backward(),
+        rows.append(measure(f"msda {name} fwd+bwd",
+                            lambda fn=fn: fn(value, shapes, locations, weights).sum().backward(),
                             {**params, "impl": name}, device, repeats))
     return rows

@@ -48,7 +48,8 @@ def run(device: str = "cpu", repeats: int = 1, images: int = 5000, detections: i
             start = time.perf_counter()
             evaluator = CocoEvaluator(gt_path, max_detections=detections)
             for image_id, boxes, scores, labels in results:
-                xyxy = torch.as_tensor(np.column_stack([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]]), dtype=torch.float32)
+                xyxy = torch.as_tensor(np.column_stack([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]]),
+                                       dtype=torch.float32)
                 evaluator.update([image_id], [{"boxes": xyxy, "scores": torch.as_tensor(scores),
                                                "labels": torch.as_tensor(labels)}])
             ours = evaluator.compute()

@@ -95,7 +95,8 @@ def check_impl(reporter: Reporter, name: str, fn, dtype_name: str, cfg, sizes, g
                "peak_mib": both.peak_mem_mib, "repeats": len(both.times_s)}
     worst_key = max(errors, key=errors.get)
     summary = (f"max rel err {worst:.1e} [{worst_key}] ({'ok' if matches else 'ABOVE'} {TOLERANCE[dtype_name]:.0e}), "
-               f"fwd {fwd.median_s * 1e3:.2f} ms, fwd+bwd {both.median_s * 1e3:.2f} ms, first call {first_call_s:.1f} s")
+               f"fwd {fwd.median_s * 1e3:.2f} ms, fwd+bwd {both.median_s * 1e3:.2f} ms, "
+               f"first call {first_call_s:.1f} s")
     reporter.measured(f"{name} {dtype_name}", metrics, summary)
 
 

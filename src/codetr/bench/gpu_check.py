@@ -198,8 +198,8 @@ def run_check(parts: list[str], dry_run: bool, out_dir: Path, total_budget_s: fl
 
 def render_table(state: dict) -> Table:
     machine_info = state["machine"]
-    title = (f"codetr GPU check ({state['mode']}) on {machine_info.get('cuda') or 'CPU'}, torch {machine_info['torch']}, "
-             f"{state['started']}")
+    title = (f"codetr GPU check ({state['mode']}) on {machine_info.get('cuda') or 'CPU'}, "
+             f"torch {machine_info['torch']}, {state['started']}")
     table = Table(title=title, show_lines=False)
     for column in ("part", "case", "status", "result"):
         table.add_column(column, overflow="fold")

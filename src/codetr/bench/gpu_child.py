@@ -98,7 +98,8 @@ class Reporter:
         print(CASE_PREFIX + name, flush=True)
 
     def _emit(self, case: str, status: str, **fields) -> None:
-        print(ROW_PREFIX + json.dumps({"part": self.part, "case": case, "status": status, **fields}, default=str), flush=True)
+        print(ROW_PREFIX + json.dumps({"part": self.part, "case": case, "status": status, **fields}, default=str),
+              flush=True)
 
     def measured(self, case: str, metrics: dict, summary: str) -> None:
         self._emit(case, "measured", metrics=metrics, summary=summary)

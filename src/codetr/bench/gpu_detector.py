@@ -51,7 +51,8 @@ class Bench:
         self.optimizer = build_optimizer(self.detector, OmegaConf.to_container(self.cfg.optimizer, resolve=True))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.batch_size, self.size = int(self.cfg.data.batch_size), int(self.cfg.model.lsj_canvas)
-        images, sizes, targets = synthetic_batch(self.batch_size, self.size, num_classes=int(self.cfg.model.num_classes))
+        images, sizes, targets = synthetic_batch(self.batch_size, self.size,
+                                                 num_classes=int(self.cfg.model.num_classes))
         self.images, self.image_sizes = images.to(self.device), sizes.to(self.device)
         self.targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
         self.skipped_steps = 0
@@ -194,7 +195,8 @@ def detector_cases(reporter: Reporter, overrides: tuple[str, ...], sizes: Detect
             if inference and precision == precisions[0]:
                 for inf_precision in precisions:
                     case = f"inference {inf_precision}{suffix}"
-                    reporter.attempt(case, 0.0, lambda p=inf_precision, c=case: inference_case(reporter, c, bench, p, sizes))
+                    reporter.attempt(case, 0.0,
+                                     lambda p=inf_precision, c=case: inference_case(reporter, c, bench, p, sizes))
             if breakdown and precision == precisions[0] and sizes.breakdown_steps:
                 case = f"breakdown {precision}, {label}"
                 reporter.attempt(case, slowest, lambda p=precision, c=case: breakdown_case(

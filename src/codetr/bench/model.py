@@ -59,7 +59,8 @@ class ComponentTimer:
         self.totals, self.device, self._start, self._patched = defaultdict(float), device, {}, []
         head = detector.query_head
         parts = [("backbone", detector.backbone, "forward"), ("neck", detector.neck, "forward"),
-                 ("encoder", head.transformer.encoder, "forward"), ("decoder passes", head.transformer.decoder, "forward"),
+                 ("encoder", head.transformer.encoder, "forward"),
+                 ("decoder passes", head.transformer.decoder, "forward"),
                  ("matching", head.criterion.matcher, "__call__")]
         if detector.rpn_head is not None:
             parts.append(("rpn", detector.rpn_head, "loss_and_proposals"))
@@ -157,7 +158,8 @@ def official_timings() -> dict:
 
 def run(device: str = "cpu", repeats: int = 2, size: int = 512) -> list[Measurement]:
     official = official_timings().get("r50_512", {})
-    reference = {"inference": official.get("eval_forward_median_s"), "train step": official.get("train_fwd_bwd_median_s")}
+    reference = {"inference": official.get("eval_forward_median_s"),
+                 "train step": official.get("train_fwd_bwd_median_s")}
     rows = []
     cases = [(b, m, n, ()) for b in ("tiny", "r50") for m in ("inference", "train step") for n in (1, 2)]
     # Our R50 config recomputes the first 4 encoder layers in backward (activation checkpointing, bitwise the same
@@ -166,8 +168,8 @@ def run(device: str = "cpu", repeats: int = 2, size: int = 512) -> list[Measurem
     no_checkpointing = ("model.encoder_checkpoint_layers=0",)
     cases.append(("r50", "train step", 1, no_checkpointing))
     for backbone, mode, batch, overrides in cases:
-        command = [sys.executable, "-m", "codetr.bench.model", backbone, mode, str(batch), str(size), str(repeats), device,
-                   *overrides]
+        command = [sys.executable, "-m", "codetr.bench.model", backbone, mode, str(batch), str(size), str(repeats),
+                   device, *overrides]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"benchmark case {backbone}/{mode}/{batch} failed:\n{result.stderr[-2000:]}")

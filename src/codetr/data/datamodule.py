@@ -232,7 +232,8 @@ class CocoDataModule(pl.LightningDataModule):
             dataset, batch_size=self.batch_size, sampler=ResumableSampler(dataset, shuffle=True, seed=self.seed),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers, collate_fn=partial(collate, size_divisor=self.size_divisor),
-            drop_last=False, generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_interrupts_in_worker,
+            drop_last=False, generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=ignore_interrupts_in_worker,
         )
 
     def val_dataloader(self) -> DataLoader:

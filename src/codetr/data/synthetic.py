@@ -34,8 +34,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rng: np.random.Generato
         return ring(10, r, -math.pi / 2, [r if i % 2 == 0 else r * 0.45 for i in range(10)])
     if shape == "cross":
         a, b = r, r * 0.35
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b),
+                (cx + a, cy + b), (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a),
+                (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
     return [(cx + r * math.cos(t), cy + 0.6 * r * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
 
 

@@ -157,7 +157,8 @@ def load_exported(path: str | Path, format: str | None = None, threads: int | No
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_onnx(images: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            feeds = {"images": pad_to_min_side(images).cpu().numpy(), "image_sizes": sizes.cpu().numpy().astype(np.int64)}
+            feeds = {"images": pad_to_min_side(images).cpu().numpy(),
+                     "image_sizes": sizes.cpu().numpy().astype(np.int64)}
             return tuple(torch.from_numpy(out) for out in session.run(OUTPUT_NAMES, feeds))
 
         return run_onnx

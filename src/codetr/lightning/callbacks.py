@@ -31,8 +31,9 @@ def _like(value: Tensor, reference: Tensor) -> Tensor:
 
 class ExpMomentumEMA(pl.Callback):
     """EMA with an exponentially decaying momentum (docs/architecture.md#optimisation, mmdet's
-    ``ExpMomentumEMA``; own implementation): ``m_t = (1 - momentum) * exp(-(t + 1) / warmup) + momentum`` and ``ema = (1 - m_t) * ema + m_t * current``
-    after every optimiser step ``t`` (floating-point parameters and buffers; integer buffers are copied).
+    ``ExpMomentumEMA``; own implementation): ``m_t = (1 - momentum) * exp(-(t + 1) / warmup) + momentum`` and
+    ``ema = (1 - m_t) * ema + m_t * current`` after every optimiser step ``t`` (floating-point parameters and
+    buffers; integer buffers are copied).
     Validation and test run with the averaged weights (swapped in, then back); checkpoints keep the raw weights
     under ``state_dict`` and the averaged ones under ``ema_state_dict`` (keys ``detector.*``), which
     :func:`codetr.checkpoint_io.detector_state` prefers when present. Under FSDP2 each rank averages its

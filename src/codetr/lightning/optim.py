@@ -109,7 +109,8 @@ SCHEDULER_KEYS = ("milestones", "gamma", "warmup_iters", "warmup_ratio", "milest
 
 
 def check_optim_config(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
-    """Refuse keys :func:`build_optimizer` / :func:`build_schedulers` would ignore (e.g. ``optimizer.learning_rate``)."""
+    """Refuse keys :func:`build_optimizer` / :func:`build_schedulers` would ignore
+    (e.g. ``optimizer.learning_rate``)."""
     check_known_keys(optimizer, OPTIMIZER_KEYS, "optimizer")
     check_known_keys(scheduler, SCHEDULER_KEYS, "scheduler")
 

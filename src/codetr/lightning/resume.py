@@ -26,7 +26,9 @@ def checkpoint_directories(trainer: pl.Trainer) -> list[Path]:
     """Folders the trainer writes checkpoints to (``ModelCheckpoint`` folders, the run directory and its
     ``checkpoints/``, where :class:`codetr.lightning.signals.CheckpointOnSignal` writes without one)."""
     root = Path(trainer.default_root_dir)
-    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    folders = [
+        Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
+    ]
     return list(dict.fromkeys([*folders, root / "checkpoints", root]))
 
 

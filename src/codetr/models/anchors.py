@@ -1,7 +1,8 @@
 """Anchor generator of the auxiliary dense heads (RPN, ATSS) and the per-image anchor validity flags.
 
 Written by hand: torchvision's ``AnchorGenerator`` centres anchors differently, orders them (anchor, location)
-and has no validity flags. This one reproduces the reference layout bit for bit (docs/architecture.md#atss, #rpn, pitfall 18):
+and has no validity flags. This one reproduces the reference layout bit for bit
+(docs/architecture.md#atss, #rpn, pitfall 18):
 
 * per level ``l`` with stride ``s``: base anchors centred at ``(0, 0)`` (centre offset 0), sizes
   ``base_size * scale * w_ratio`` x ``base_size * scale * h_ratio`` with ``h_ratio = sqrt(ratio)``,

@@ -1,4 +1,5 @@
-"""Necks: ChannelMapper (docs/architecture.md#channel-mapper, R50 / Swin-L) and the simple feature pyramid SFP (docs/architecture.md#vit-sfp, ViT-L).
+"""Necks: ChannelMapper (docs/architecture.md#channel-mapper, R50 / Swin-L) and the simple feature pyramid SFP
+(docs/architecture.md#vit-sfp, ViT-L).
 
 Both return a list of ``(B, out_channels, H_l, W_l)`` maps, strides 4, 8, 16, 32, 64 for the 5-level setting.
 Parameter names follow mmdet / the original repository so official ``neck.*`` weights load unchanged:
@@ -63,7 +64,9 @@ class ChannelMapper(nn.Module):
     ):
         super().__init__()
         if not 0 <= skip_finest < len(in_channels):
-            raise ValueError(f"skip_finest={skip_finest} must be in [0, {len(in_channels)}) for in_channels {in_channels}")
+            raise ValueError(
+                f"skip_finest={skip_finest} must be in [0, {len(in_channels)}) for in_channels {in_channels}"
+            )
         self.skip_finest = skip_finest
         in_channels, num_outs = list(in_channels)[skip_finest:], num_outs - skip_finest
         if num_outs < len(in_channels):

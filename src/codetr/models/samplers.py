@@ -81,7 +81,8 @@ class RandomSampler:
     def __call__(
         self, assign: AssignResult, priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor
     ) -> SamplingResult:
-        """assign: result over ``priors`` ``(N, 4)``; gt ``(G, 4)`` / ``(G,)``. Mutates ``assign`` when GTs are added."""
+        """assign: result over ``priors`` ``(N, 4)``; gt ``(G, 4)`` / ``(G,)``.
+        Mutates ``assign`` when GTs are added."""
         is_gt = torch.zeros(len(priors), dtype=torch.bool, device=priors.device)
         if self.add_gt_as_proposals and len(gt_boxes) > 0:
             priors = torch.cat([gt_boxes.to(priors.dtype), priors])

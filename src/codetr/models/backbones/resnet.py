@@ -1,4 +1,5 @@
-"""ResNet backbone (docs/architecture.md#resnet) built from torchvision's ``Bottleneck`` blocks, with mmdet's ``base_channels``.
+"""ResNet backbone (docs/architecture.md#resnet) built from torchvision's ``Bottleneck`` blocks,
+with mmdet's ``base_channels``.
 
 Key names are torchvision's (``conv1``, ``bn1``, ``layer{1..4}.{b}.conv{1,2,3}`` / ``bn{1,2,3}`` /
 ``downsample.{0,1}``), which are also mmdet's, so official ``backbone.*`` weights load unchanged, including the

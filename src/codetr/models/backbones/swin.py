@@ -1,4 +1,5 @@
-"""Swin Transformer backbone (docs/architecture.md#swin) from timm's Swin modules, run with the detection-Swin windowing.
+"""Swin Transformer backbone (docs/architecture.md#swin) from timm's Swin modules, run with the
+detection-Swin windowing.
 
 The parameters are timm's ``swin_large_patch4_window12_384`` modules (``patch_embed``, ``layers.{s}`` with the
 patch merging at the *start* of stages 1..3, ``blocks.{j}.attn.qkv`` ...) plus four output LayerNorms ``norm{0..3}``
@@ -231,7 +232,9 @@ def _convert_swin(state, downsample_stage_key: str, rules, merge) -> tuple[dict[
     the channel order), other keys go through ``rules``. Returns ``(state, unmapped keys, dropped keys)``."""
     out, unmapped, dropped = {}, [], []
     for key, value in state.items():
-        m = re.fullmatch(rf"{downsample_stage_key}\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key)
+        m = re.fullmatch(
+            rf"{downsample_stage_key}\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key
+        )
         if m:
             out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = merge(value)
             continue

@@ -1,4 +1,5 @@
-"""EVA-02-style plain ViT backbone of the original Co-DETR ViT-L configs (docs/architecture.md#vit-sfp), one stride-16 output map.
+"""EVA-02-style plain ViT backbone of the original Co-DETR ViT-L configs (docs/architecture.md#vit-sfp),
+one stride-16 output map.
 
 A compact own implementation (timm's ``Eva`` uses other parameter names and a cls-token model; its weights are
 converted on loading, :func:`eva_from_timm`), with the original repository's parameter names so Co-DETR ViT-L
@@ -66,7 +67,9 @@ def eva_from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def rope_table(rows: int, cols: int, head_dim: int, pt_seq_len: int = 16, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_table(
+    rows: int, cols: int, head_dim: int, pt_seq_len: int = 16, theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
     """``(cos, sin)`` of shape ``(rows * cols, head_dim)`` for a row-major token grid."""
     quarter = head_dim // 4
     freqs = theta ** (-torch.arange(0, 2 * quarter, 2, dtype=torch.float32) / (2 * quarter))  # (head_dim / 4,)

@@ -1,4 +1,5 @@
-"""ATSS auxiliary head of Co-DETR (``CoATSSHead``, docs/architecture.md#atss, state-dict keys docs/architecture.md#state-dict).
+"""ATSS auxiliary head of Co-DETR (``CoATSSHead``, docs/architecture.md#atss,
+state-dict keys docs/architecture.md#state-dict).
 
 One square anchor (8 x stride) per location of the 6-level auxiliary pyramid, ATSS assignment (top 9 per level),
 sigmoid focal loss (x12), centerness-weighted GIoU of the decoded boxes (x24), centerness BCE (x12). All anchors

@@ -1,5 +1,6 @@
 """Co-DINO query head: the DINO transformer with its prediction branches, denoising, the auxiliary feature
-pyramid for the one-to-many heads, and the customised positive-query decoder passes (docs/architecture.md#training-step, #encoder, #detr-losses, #postprocess).
+pyramid for the one-to-many heads, and the customised positive-query decoder passes
+(docs/architecture.md#training-step, #encoder, #detr-losses, #postprocess).
 
 Box formats: predictions are sigmoid ``cxcywh`` normalised by each image's valid size ``image_sizes`` (h, w);
 ground truth arrives as ``xyxy`` absolute input pixels.
@@ -27,13 +28,15 @@ class CoDINOHead(DETRQueryHead):
     Args:
         num_classes: K foreground classes.
         transformer: the :class:`DinoTransformer` (its ``embed_dims``, layer and query counts rule the head).
-        label_noise_scale / box_noise_scale / num_dn_queries: contrastive denoising (docs/architecture.md#denoising); ``use_denoising``
-            switches it off (ablation; the reference always trains with it).
-        loss_cls_weight / loss_bbox_weight / loss_iou_weight / qfl_beta: DETR-side losses (docs/architecture.md#detr-losses).
-        match_*: Hungarian costs; max_pos_queries: cap of customised positive queries per image (docs/architecture.md#positive-queries).
+        label_noise_scale / box_noise_scale / num_dn_queries: contrastive denoising (docs/architecture.md#denoising);
+            ``use_denoising`` switches it off (ablation; the reference always trains with it).
+        loss_cls_weight / loss_bbox_weight / loss_iou_weight / qfl_beta: DETR-side losses
+            (docs/architecture.md#detr-losses).
+        match_*: Hungarian costs; max_pos_queries: cap of customised positive queries per image
+            (docs/architecture.md#positive-queries).
         max_per_image / soft_nms_iou / soft_nms_min_score / candidates_before_nms: test-time post-processing
-            (docs/architecture.md#postprocess); soft_nms_iou None gives the NMS-free top-k; candidates_before_nms None = max_per_image (mmdet-3
-            port), the original uses num_queries (900).
+            (docs/architecture.md#postprocess); soft_nms_iou None gives the NMS-free top-k; candidates_before_nms
+            None = max_per_image (mmdet-3 port), the original uses num_queries (900).
         sync_cls_avg_factor: average the classification normaliser over ranks (original Co-DETR: True; the
             mmdet-3 port: False).
     """
@@ -94,7 +97,8 @@ class CoDINOHead(DETRQueryHead):
     def loss(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
     ) -> tuple[dict[str, Tensor], EncoderState]:
-        """Matching, encoder and denoising losses (docs/architecture.md#matching-loss-4.4); returns them with the encoder state."""
+        """Matching, encoder and denoising losses (docs/architecture.md#matching-loss-4.4); returns them with the
+        encoder state."""
         gt_boxes_abs = [t["boxes"] for t in targets]
         gt_labels = [t["labels"] for t in targets]
         denoising = self.dn_generator(gt_boxes_abs, gt_labels, image_sizes) if self.use_denoising else None
@@ -122,7 +126,8 @@ class CoDINOHead(DETRQueryHead):
     def loss_positive_queries(
         self, state: EncoderState, positives, head_index: int, image_sizes: Tensor
     ) -> dict[str, Tensor]:
-        """One extra decoder pass on an auxiliary branch's positives and its per-layer losses (docs/architecture.md#positive-queries, #positive-query-loss).
+        """One extra decoder pass on an auxiliary branch's positives and its per-layer losses
+        (docs/architecture.md#positive-queries, #positive-query-loss).
         Keys ``loss_cls_aux`` ... ``d{k}.loss_iou_aux`` (the detector appends the branch index)."""
         queries = build_positive_queries(
             positives.coords, positives.labels, positives.targets, image_sizes, self.num_classes,

@@ -1,4 +1,5 @@
-"""What an auxiliary head hands to the query head's customised positive queries (docs/architecture.md#positive-queries, #atss, #roi-head)."""
+"""What an auxiliary head hands to the query head's customised positive queries
+(docs/architecture.md#positive-queries, #atss, #roi-head)."""
 
 from __future__ import annotations
 

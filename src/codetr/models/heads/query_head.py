@@ -98,6 +98,8 @@ class DETRQueryHead(nn.Module):
         batch, _, dims = state.memory.shape
         maps = [
             chunk.transpose(1, 2).reshape(batch, dims, h, w)
-            for chunk, (h, w) in zip(state.memory.split([h * w for h, w in state.layout.shapes], 1), state.layout.shapes)
+            for chunk, (h, w) in zip(
+                state.memory.split([h * w for h, w in state.layout.shapes], 1), state.layout.shapes
+            )
         ]
         return maps + [self.downsample(maps[-1])]

@@ -3,9 +3,10 @@
 One class covers the two heads Co-DINO recipes use (mmdet's ``ConvFCBBoxHead`` family; written here because
 no maintained library ships it outside mmdet):
 
-* mmdet's ``Shared2FCBBoxHead`` (the defaults; R50 / Swin-L recipes, docs/architecture.md#roi-head): no convs, 2 fcs, class-specific regression;
-* the ViT-L COCO head (docs/architecture.md#data, ViT-L row): 4 shared 3x3 convs, each conv -> GroupNorm(32) -> ReLU (the convs
-  have no bias: the norm follows), 1 fc, class-agnostic regression.
+* mmdet's ``Shared2FCBBoxHead`` (the defaults; R50 / Swin-L recipes, docs/architecture.md#roi-head): no convs,
+  2 fcs, class-specific regression;
+* the ViT-L COCO head (docs/architecture.md#data, ViT-L row): 4 shared 3x3 convs, each conv -> GroupNorm(32) -> ReLU
+  (the convs have no bias: the norm follows), 1 fc, class-agnostic regression.
 
 State-dict keys follow mmdet so official checkpoints load without renaming: ``shared_convs.{i}.conv.weight``,
 ``shared_convs.{i}.gn.{weight,bias}``, ``shared_fcs.{j}.{weight,bias}``, ``fc_cls``, ``fc_reg``.

@@ -1,4 +1,5 @@
-"""RoI head of Co-DETR's Faster R-CNN auxiliary branch (``CoStandardRoIHead``, docs/architecture.md#roi-head, keys docs/architecture.md#state-dict).
+"""RoI head of Co-DETR's Faster R-CNN auxiliary branch (``CoStandardRoIHead``, docs/architecture.md#roi-head,
+keys docs/architecture.md#state-dict).
 
 Per image: max-IoU assignment (0.5) of the RPN proposals, GT boxes prepended as candidates, random sampling of
 512 RoIs (<= 25 % positives). RoI features: ``torchvision.ops.roi_align`` (aligned, adaptive sampling; identical
@@ -105,7 +106,8 @@ class RoIHead(nn.Module):
         return levels.clamp(min=0, max=len(self.strides) - 1).long()
 
     def roi_features(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
-        """feats: per level ``(B, C, H_l, W_l)``; rois ``(R, 5)`` = (batch index, x1, y1, x2, y2) -> ``(R, C, S, S)``."""
+        """feats: per level ``(B, C, H_l, W_l)``; rois ``(R, 5)`` = (batch index, x1, y1, x2, y2)
+        -> ``(R, C, S, S)``."""
         out = feats[0].new_zeros(len(rois), feats[0].shape[1], self.roi_size, self.roi_size)
         levels = self.roi_levels(rois[:, 1:])
         for level, stride in enumerate(self.strides):
@@ -198,7 +200,8 @@ class RoIHead(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Two-stage debug detections: per image ``{boxes (N, 4) xyxy clipped, scores (N,), labels (N,)}``.
 
-        Softmax scores, per-class decoding (the one box repeated for class-agnostic heads) clipped to the image, per-class NMS, ``test_max_per_img`` best.
+        Softmax scores, per-class decoding (the one box repeated for class-agnostic heads) clipped to the image,
+        per-class NMS, ``test_max_per_img`` best.
         """
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], 1) for i, p in enumerate(proposals)])
         roi_feats = self.roi_features(feats, rois)

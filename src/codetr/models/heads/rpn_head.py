@@ -1,4 +1,5 @@
-"""RPN of Co-DETR's Faster R-CNN auxiliary branch (docs/architecture.md#rpn, state-dict keys docs/architecture.md#state-dict).
+"""RPN of Co-DETR's Faster R-CNN auxiliary branch (docs/architecture.md#rpn,
+state-dict keys docs/architecture.md#state-dict).
 
 Runs on the 6-level auxiliary pyramid (strides 4..128) with class-agnostic GT (the detector zeroes the labels; any
 positive anchor is foreground here). Every anchor on a valid location takes part, also those crossing the image
@@ -217,7 +218,8 @@ class RPNHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, feats: Sequence[Tensor], image_sizes: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Test-time proposals (docs/architecture.md#inference 'two-stage'): per image ``(boxes (N, 4), scores (N,))``."""
+        """Test-time proposals (docs/architecture.md#inference 'two-stage'): per image
+        ``(boxes (N, 4), scores (N,))``."""
         logits, deltas = self.forward(feats)
         feat_sizes = [f.shape[-2:] for f in feats]
         return self.proposals(

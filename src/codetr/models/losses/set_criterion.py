@@ -1,5 +1,6 @@
 """Losses of the Co-DINO query head: Hungarian-matched per-layer and encoder losses, denoising losses and the
-losses of Co-DETR's customised positive queries (docs/architecture.md#detr-losses). All share one target-to-loss core."""
+losses of Co-DETR's customised positive queries (docs/architecture.md#detr-losses).
+All share one target-to-loss core."""
 
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ class SetCriterion:
         factors: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Loss of the ``(B, Nd, .)`` denoising outputs: slot ``g * 2 * max_gt + j`` reconstructs GT ``j``;
-        every other slot (negative copies, padding) is background with weight 1 (docs/architecture.md#denoising-loss)."""
+        every other slot (negative copies, padding) is background with weight 1
+        (docs/architecture.md#denoising-loss)."""
         batch, num_dn, _ = logits.shape
         labels = torch.full((batch, num_dn), self.num_classes, dtype=torch.long, device=logits.device)
         box_targets = boxes.new_zeros(batch, num_dn, 4)

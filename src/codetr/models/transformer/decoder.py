@@ -20,7 +20,13 @@ class DinoDecoderLayer(nn.Module):
     """One decoder layer (the same in DINO and Deformable-DETR; the name is kept for FSDP wrap lists)."""
 
     def __init__(
-        self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, attention_impl: str = "auto"
+        self,
+        embed_dims: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        ffn_dims: int,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=0.0, batch_first=True)

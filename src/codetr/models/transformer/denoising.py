@@ -57,7 +57,8 @@ class DenoisingGenerator(nn.Module):
         return max(1, self.num_dn_queries // max_gt) if max_gt > 0 else 1
 
     def forward(self, gt_boxes: list[Tensor], gt_labels: list[Tensor], image_sizes: Tensor) -> DenoisingQueries:
-        """``gt_boxes``: per image ``(n_i, 4)`` xyxy absolute; ``gt_labels``: ``(n_i,)``; ``image_sizes``: ``(B, 2)`` (h, w)."""
+        """``gt_boxes``: per image ``(n_i, 4)`` xyxy absolute; ``gt_labels``: ``(n_i,)``;
+        ``image_sizes``: ``(B, 2)`` (h, w)."""
         device = self.label_embedding.weight.device
         counts = [len(b) for b in gt_boxes]
         batch, max_gt = len(gt_boxes), max(counts, default=0)

@@ -1,5 +1,6 @@
 """The DINO transformer of Co-DINO: deformable encoder, two-stage proposals with mixed query selection,
-DINO decoder, and the decoder pass for Co-DETR's customised positive queries (docs/architecture.md#encoder-inputs-3.10)."""
+DINO decoder, and the decoder pass for Co-DETR's customised positive queries
+(docs/architecture.md#encoder-inputs-3.10)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ class DinoTransformer(TwoStageTransformer):
             num_encoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, encoder_checkpoint_layers,
             attention_impl,
         )
-        decoder = DinoDecoder(num_decoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl)
+        decoder = DinoDecoder(
+            num_decoder_layers, embed_dims, num_heads, num_levels, num_points, ffn_dims, attention_impl
+        )
         super().__init__(encoder, decoder, embed_dims, num_levels, proposal_base_size, proposal_valid_range)
         self.num_queries = num_queries
         self.num_co_heads = num_co_heads
@@ -108,7 +111,8 @@ class DinoTransformer(TwoStageTransformer):
     def forward_aux(
         self, state: EncoderState, boxes: Tensor, head_index: int, reg_branches: nn.ModuleList
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Decoder pass on customised positive queries of auxiliary branch ``head_index`` (docs/architecture.md#positive-queries).
+        """Decoder pass on customised positive queries of auxiliary branch ``head_index``
+        (docs/architecture.md#positive-queries).
 
         ``boxes``: ``(B, M, 4)`` normalised cxcywh candidate boxes (references and content source).
         No denoising, no attention mask. Returns the decoder's (hidden, references).

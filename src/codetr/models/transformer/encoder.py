@@ -1,4 +1,5 @@
-"""Deformable-DETR encoder: post-norm layers of multi-scale deformable self-attention + FFN (docs/architecture.md#encoder-reference-points-3.3)."""
+"""Deformable-DETR encoder: post-norm layers of multi-scale deformable self-attention + FFN
+(docs/architecture.md#encoder-reference-points-3.3)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from codetr.models.transformer.ms_deform_attn import LevelLayout, MultiScaleDefo
 
 class DeformableEncoderLayer(nn.Module):
     def __init__(
-        self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, attention_impl: str = "auto"
+        self,
+        embed_dims: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        ffn_dims: int,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, attention_impl)

@@ -137,7 +137,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Offsets start on a ring of 8 directions (1..P pixels), attention uniform (docs/architecture.md#deformable-attention)."""
+        """Offsets start on a ring of 8 directions (1..P pixels), attention uniform
+        (docs/architecture.md#deformable-attention)."""
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
         grid = torch.stack([theta.cos(), theta.sin()], -1)

@@ -36,7 +36,11 @@ def _program_block(H, Q, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.con
 @triton.jit
 def _level(shapes, starts, l):
     """Height, width and first flat token of level ``l``."""
-    return tl.load(shapes + 2 * l).to(tl.int32), tl.load(shapes + 2 * l + 1).to(tl.int32), tl.load(starts + l).to(tl.int32)
+    return (
+        tl.load(shapes + 2 * l).to(tl.int32),
+        tl.load(shapes + 2 * l + 1).to(tl.int32),
+        tl.load(starts + l).to(tl.int32),
+    )
 
 
 @triton.jit
