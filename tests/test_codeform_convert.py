@@ -83,3 +83,31 @@ def test_cli_converted_checkpoint_gives_the_reference_detections(tmp_path):
         assert torch.equal(ours["labels"], ref["labels"])
         torch.testing.assert_close(ours["boxes"] / scale, ref["bboxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(ours["scores"], ref["scores"], rtol=0, atol=1e-5)
+
+
+def test_swin_recipe_has_the_official_layout_beyond_the_backbone():
+    """``experiment=co_deformable_detr_swin_t_1x`` (reduced depth) builds every non-backbone key of the official
+    R50 checkpoint with its shape, except the neck's input convs, which read Swin-T stages 1-3 (192 / 384 / 768
+    channels), and converts key by key; the backbone has output norms norm1-3 only, as the official Swin checkpoints (out_indices 1-3)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    import codetr.utils  # noqa: F401  (resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("codetr.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=co_deformable_detr_swin_t_1x", "model.detector.backbone.weights=null",
+                                            "model.detector.backbone.depths=[2,2,1,1]"])
+    GlobalHydra.instance().clear()
+    ours = {k: tuple(v.shape) for k, v in instantiate(cfg.model.detector).state_dict().items()}
+    official = {key: shape for key, shape, _ in load("r50_state_dict_keys.json")["state_dict"]
+                if not key.startswith("backbone.")}
+    for i, channels in enumerate((192, 384, 768)):
+        official[f"neck.convs.{i}.conv.weight"] = (256, channels, 1, 1)
+    official["neck.extra_convs.0.conv.weight"] = (256, 768, 3, 3)
+    state = {key: torch.zeros(shape, device="meta") for key, shape in official.items()}
+    expected = {k: v for k, v in ours.items() if not k.startswith("backbone.")}
+    conversion = convert_state_dict(state, expected=expected)  # raises on unmapped / missing / mismatched keys
+    assert len(conversion.state_dict) == len(official) == len(expected)
+    assert sorted(k for k in ours if k.startswith("backbone.norm")) == [f"backbone.norm{s}.{p}" for s in (1, 2, 3)
+                                                                         for p in ("bias", "weight")]

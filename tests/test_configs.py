@@ -14,13 +14,27 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from codetr.utils import check_targets, lookup, milestones_for
+from codetr.utils.resolvers import stage_widths
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 REFERENCE_ROWS = {
     "co_dino_r50_lsj_1x", "co_dino_r50_detr_1x", "co_dino_r50_lsj_3x", "co_dino_swin_l_detr_1x",
     "co_dino_swin_l_lsj_1x", "co_dino_swin_l_detr_3x", "co_dino_swin_l_lsj_3x", "co_dino_swin_l_o365_to_coco_16e",
-    "co_deformable_detr_r50_1x", "demo",
+    "co_deformable_detr_r50_1x", "demo", *(f"co_deformable_detr_{n}" for n in (
+        "swin_t_1x", "swin_t_3x", "swin_s_1x", "swin_s_3x", "swin_b_1x", "swin_b_3x", "swin_l_1x", "swin_l_900q_3x")),
+}
+# Co-Deformable-DETR Swin recipes (Sense-X configs): name -> (backbone, embed dims, epochs, LR step, drop path,
+# queries, detections per image, published AP)
+CODEFORM_SWIN = {
+    "swin_t_1x": ("swin_t", 96, 12, [11], 0.2, 300, 100, 51.7),
+    "swin_t_3x": ("swin_t", 96, 36, [30], 0.3, 300, 100, 54.1),
+    "swin_s_1x": ("swin_s", 96, 12, [11], 0.2, 300, 100, 53.4),
+    "swin_s_3x": ("swin_s", 96, 36, [30], 0.4, 300, 100, 55.3),
+    "swin_b_1x": ("swin_b", 128, 12, [11], 0.2, 300, 100, 55.5),
+    "swin_b_3x": ("swin_b", 128, 36, [30], 0.4, 300, 100, 57.5),
+    "swin_l_1x": ("swin_l", 192, 12, [11], 0.3, 300, 100, 56.9),
+    "swin_l_900q_3x": ("swin_l", 192, 36, [30], 0.6, 900, 300, 58.5),
 }
 
 
@@ -48,6 +62,47 @@ def test_published_ap_documented_in_each_reference_experiment():
     for name in REFERENCE_ROWS - {"demo"}:
         text = (CONF / "experiment" / f"{name}.yaml").read_text()
         assert "Published:" in text and "AP" in text, name
+
+
+@pytest.mark.parametrize("name", sorted(CODEFORM_SWIN))
+def test_co_deformable_detr_swin_recipe(compose_cfg, name):
+    """Each Swin recipe has the official schedule, queries, optimiser and drop path, differs from the R50 recipe only
+    in backbone / neck / queries, and builds the official checkpoint's backbone + neck layout: Swin stages 1-3 with
+    output norms norm1-3 (no norm0), neck convs from 2c / 4c / 8c channels + one extra level (4 levels)."""
+    import torch
+    from hydra.utils import instantiate
+
+    choice, dims, epochs, milestones, drop_path, queries, per_image, ap = CODEFORM_SWIN[name]
+    assert f"Published: {ap} box AP" in (CONF / "experiment" / f"co_deformable_detr_{name}.yaml").read_text()
+    cfg = compose_cfg("train", [f"experiment=co_deformable_detr_{name}", "model.detector.backbone.weights=null"])
+    assert cfg.hydra.runtime.choices.backbone == choice and cfg.hydra.runtime.choices.model == "co_deformable_detr"
+    container = resolved(cfg)
+    model, optimizer = container["model"], container["optimizer"]
+    assert (container["trainer"]["max_epochs"], container["scheduler"]["milestones"]) == (epochs, milestones)
+    assert container["aug"]["name"] == "detr" and container["data"]["batch_size"] == 2
+    assert (optimizer["lr"], optimizer["weight_decay"], optimizer["backbone_lr_mult"]) == (2e-4, 0.05, 0.1)
+    assert optimizer["lr_mult_keys"] == {"sampling_offsets": 0.1, "reference_points": 0.1}
+    detector = model["detector"]
+    assert detector["backbone"]["drop_path_rate"] == drop_path and detector["backbone"]["embed_dims"] == dims
+    assert detector["query_head"]["num_queries"] == queries
+    assert detector["query_head"]["max_per_image"] == detector["postprocessor"]["max_per_image"] == per_image
+    r50 = resolved(compose_cfg("train", ["experiment=co_deformable_detr_r50_1x"]))["model"]["detector"]
+    for part in ("query_head", "rpn_head", "roi_head", "bbox_head"):
+        ours, theirs = detector[part], r50[part]
+        if part == "query_head":  # activation checkpointing: a memory setting without numerical effect
+            theirs = {**theirs, "num_queries": queries, "max_per_image": per_image}
+            for transformer in (ours["transformer"], theirs["transformer"]):
+                transformer.pop("encoder_checkpoint_layers")
+        assert ours == theirs, part
+    with torch.device("meta"):
+        backbone, neck = instantiate(cfg.model.detector.backbone), instantiate(cfg.model.detector.neck)
+    assert backbone.out_channels == neck.in_channels == [2 * dims, 4 * dims, 8 * dims]
+    assert sorted({k.split(".")[0] for k in backbone.state_dict() if k.startswith("norm")}) == ["norm1", "norm2",
+                                                                                                "norm3"]
+    shapes = {k: tuple(v.shape) for k, v in neck.state_dict().items() if k.endswith("conv.weight")}
+    assert shapes == {"convs.0.conv.weight": (256, 2 * dims, 1, 1), "convs.1.conv.weight": (256, 4 * dims, 1, 1),
+                      "convs.2.conv.weight": (256, 8 * dims, 1, 1), "extra_convs.0.conv.weight": (256, 8 * dims, 3, 3)}
+    assert neck.num_outs == detector["query_head"]["transformer"]["num_levels"] == 4
 
 
 def test_choices_equal_experiment_swin_l_lsj_3x(compose_cfg):
@@ -93,6 +148,7 @@ def test_resolver_rules():
     assert lookup({"lsj": {36: 0.5, "default": 0.3}}, "lsj", "12") == 0.3
     with pytest.raises(KeyError):
         lookup({"lsj": {36: 0.5}}, "detr")
+    assert stage_widths(96, [1, 2, 3]) == [192, 384, 768] and stage_widths(192, [0, 1, 2, 3]) == [192, 384, 768, 1536]
 
 
 def test_unsafe_target_refused(compose_cfg):

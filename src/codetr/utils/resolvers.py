@@ -10,6 +10,9 @@
 ``${codetr.mul:<a>,<b>}`` / ``${codetr.div:<a>,<b>}`` -- product / quotient (integer division when both are
     integers), for values derived from another, e.g. an auxiliary loss weight from the base one or the positional
     encoding's width from ``model.embed_dims``.
+``${codetr.stage_widths:<base>,<stages>}`` -- ``[base * 2**s for s in stages]``: the channels of the chosen stages of
+    a backbone whose width doubles per stage (Swin: ``base`` = ``embed_dims``), so a neck's ``in_channels`` follow
+    the backbone's ``out_indices`` (Co-DINO: stages 0-3; Co-Deformable-DETR Swin recipes: 1-3).
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ def div(a: Any, b: Any) -> Any:
     return a / b
 
 
+def stage_widths(base: Any, stages: Any) -> list[int]:
+    """Channels ``base * 2**s`` of each backbone stage ``s`` in ``stages``."""
+    return [int(base) * 2 ** int(s) for s in _plain(stages)]
+
+
 def positive_query_branches(roi_heads: Any, bbox_heads: Any, use_positive_queries: Any) -> int:
     """``num_co_heads`` of the configured auxiliary heads (see :mod:`codetr.models.part_agreement`)."""
     from codetr.models.part_agreement import positive_query_branches as count
@@ -99,7 +107,7 @@ def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
                            ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name),
-                           ("codetr.mul", mul), ("codetr.div", div),
+                           ("codetr.mul", mul), ("codetr.div", div), ("codetr.stage_widths", stage_widths),
                            ("codetr.positive_query_branches", positive_query_branches)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
