@@ -88,7 +88,8 @@ def test_cli_converted_checkpoint_gives_the_reference_detections(tmp_path):
 def test_swin_recipe_has_the_official_layout_beyond_the_backbone():
     """``experiment=co_deformable_detr_swin_t_1x`` (reduced depth) builds every non-backbone key of the official
     R50 checkpoint with its shape, except the neck's input convs, which read Swin-T stages 1-3 (192 / 384 / 768
-    channels), and converts key by key; the backbone has output norms norm1-3 only, as the official Swin checkpoints (out_indices 1-3)."""
+    channels), and converts key by key; the backbone has output norms norm1-3 only, as the official Swin checkpoints
+    (out_indices 1-3)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -96,8 +97,9 @@ def test_swin_recipe_has_the_official_layout_beyond_the_backbone():
 
     GlobalHydra.instance().clear()
     with initialize_config_module("codetr.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=co_deformable_detr_swin_t_1x", "model.detector.backbone.weights=null",
-                                            "model.detector.backbone.depths=[2,2,1,1]"])
+        overrides = ["experiment=co_deformable_detr_swin_t_1x", "model.detector.backbone.weights=null",
+                     "model.detector.backbone.depths=[2,2,1,1]"]
+        cfg = compose("train", overrides=overrides)
     GlobalHydra.instance().clear()
     ours = {k: tuple(v.shape) for k, v in instantiate(cfg.model.detector).state_dict().items()}
     official = {key: shape for key, shape, _ in load("r50_state_dict_keys.json")["state_dict"]

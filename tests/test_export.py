@@ -4,6 +4,7 @@ program and an AOTInductor package each match the eager model on images of two s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -76,7 +77,10 @@ def test_torch_export_program_saves_loads_and_matches_eager(eager_and_program, t
     assert_same_detections(eager(model, padded), run(*small))
 
 
+# AOTInductor compiles the whole graph to C++ single-threaded: over 10 minutes on a 2-core CI machine, a third of
+# CI's budget, so it runs on request: CODETR_TEST_AOTI=1 pytest tests/test_export.py -k aoti.
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CODETR_TEST_AOTI"), reason="set CODETR_TEST_AOTI=1 (compiles for minutes)")
 def test_aoti_package_compiles_on_cpu_and_matches_eager(eager_and_program, tmp_path):
     _, model, program = eager_and_program
     run = load_exported(write_program(program, tmp_path / "tiny_aoti.pt2", "aoti"), "aoti")
