@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from codetr.models.backbones.resnet import ResNet
 from codetr.models.heads.co_dino_head import CoDINOHead
 from codetr.models.necks import SFP, ChannelMapper
 from codetr.models.safe_conv import SafeStridedConv2d
@@ -60,13 +61,13 @@ def test_strided_conv_weight_gradient_under_bf16_autocast_matches_float32_on_one
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
 
 
-def test_every_strided_conv_of_the_necks_and_query_head_is_guarded():
+def test_every_strided_conv_of_the_resnet_necks_and_query_head_is_guarded():
     transformer = DinoTransformer(embed_dims=64, num_heads=4, num_levels=2, num_points=1, num_encoder_layers=1,
                                   num_decoder_layers=1, ffn_dims=64, num_queries=10, num_co_heads=2)
     modules = {"neck": ChannelMapper([32, 64, 128, 256], 64, 6), "sfp": SFP(64, 32),
-               "query_head": CoDINOHead(2, transformer)}
+               "query_head": CoDINOHead(2, transformer), "resnet": ResNet(depth=50, base_channels=16)}
     found = [(owner, name, type(conv)) for owner, module in modules.items() for name, conv in strided_convs(module)]
-    assert {owner for owner, _, _ in found} == {"neck", "sfp", "query_head"}
+    assert {owner for owner, _, _ in found} == {"neck", "sfp", "query_head", "resnet"}
     assert [item for item in found if item[2] is not SafeStridedConv2d] == []
 
 

@@ -8,6 +8,7 @@ import torch
 from oracle_support import build_detector, image_sizes, load, require_oracle
 
 ATOL = 1e-4
+BOX_RTOL = 2.4e-7  # two float32 steps (2 * 2**-23) relative to the coordinate
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,14 @@ def eval_run():
             "logits": logits, "boxes": boxes, "out": out, "detections": detections}
 
 
-def close(actual, expected, atol=ATOL):
+def close(actual, expected, atol=ATOL, rtol=0.0):
+    """Max abs error; every entry within ``atol + rtol * |expected|``."""
     expected = expected.to(actual.dtype)
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(actual), finite), "inf/nan pattern differs"
-    error = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
-    assert error <= atol, f"max abs error {error:.3g} > {atol}"
+    diff, bound = (actual[finite] - expected[finite]).abs(), atol + rtol * expected[finite].abs()
+    error = diff.max().item() if finite.any() else 0.0
+    assert bool((diff <= bound).all()), f"max abs error {error:.3g} > {atol} + {rtol} * |expected|"
     return error
 
 
@@ -102,7 +105,9 @@ def test_every_decoder_layer(eval_run):
 
 def test_final_detections(eval_run):
     """Detections un-scaled to the original image like the reference. The 300th score is only ~1e-5 above the
-    301st, so the set may differ at the tail: the top 100 must agree in order, and >= 97 % overall."""
+    301st, so the set may differ at the tail: the top 100 must agree in order, and >= 97 % overall. Box
+    coordinates reach beyond 1024 px, where one float32 step is 1.2e-4: the box tolerance adds two steps
+    (BOX_RTOL; the reduction order, hence the last bit, depends on the thread count)."""
     worst = 0.0
     for ours, ref, meta in zip(
         eval_run["detections"], eval_run["outputs"]["detections"], eval_run["inputs"]["img_metas"]
@@ -111,10 +116,12 @@ def test_final_detections(eval_run):
         boxes = ours["boxes"] / scale
         top = min(100, len(ref["scores"]))
         assert torch.equal(ours["labels"][:top], ref["labels"][:top])
-        worst = max(worst, close(boxes[:top], ref["bboxes"][:top]), close(ours["scores"][:top], ref["scores"][:top]))
+        worst = max(worst, close(boxes[:top], ref["bboxes"][:top], rtol=BOX_RTOL),
+                    close(ours["scores"][:top], ref["scores"][:top]))
         matched = 0
         for box, score, label in zip(boxes, ours["scores"], ours["labels"]):
-            same = (ref["labels"] == label) & ((ref["bboxes"] - box).abs().max(1).values <= ATOL)
+            near = ((ref["bboxes"] - box).abs() <= ATOL + BOX_RTOL * ref["bboxes"].abs()).all(1)
+            same = (ref["labels"] == label) & near
             matched += bool((same & ((ref["scores"] - score).abs() <= 1e-5)).any())
         assert matched >= 0.97 * len(ref["scores"]), f"only {matched} of {len(ref['scores'])} detections matched"
         assert len(ours["scores"]) == len(ref["scores"])

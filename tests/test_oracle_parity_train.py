@@ -87,7 +87,9 @@ def test_seeded_gradients_with_replayed_proposals_match_to_rounding():
     """Every random draw of the seeded path (denoising noise and label flips, RPN / RoI sampling, positive-query
     padding) follows the reference's RNG stream; the RPN proposals are the one input that float rounding can change
     (exactly tied scores over padding, ordered by a non-stable sort). Replaying the recorded proposals isolates the
-    rest: the gradients must then agree to float32 rounding, far inside the 1e-3 of the test below."""
+    rest: the gradients must then agree to float32 rounding, far inside the 1e-3 of the test below. Measured worst:
+    1.6e-5 with 2 threads, 1.1e-4 with 1 (the backbone's convolution weight gradients, whose accumulation order
+    follows the thread count); without the replay 1.45e-3."""
     require_oracle()
     detector = build_detector()
     recorded = [
@@ -99,7 +101,7 @@ def test_seeded_gradients_with_replayed_proposals_match_to_rounding():
         _, losses = run_losses("train_seeded", detector)
     sum(v for k, v in losses.items() if "loss" in k).backward()
     worst = gradient_errors(detector)[:3]
-    assert worst[0][0] < 5e-5, f"largest gradient-norm errors: {worst}"
+    assert worst[0][0] < 2.5e-4, f"largest gradient-norm errors: {worst}"
 
 
 def test_gradients_match_the_oracle_and_skip_frozen_parts():

@@ -23,6 +23,7 @@ from torchvision.models.resnet import Bottleneck
 
 from codetr.checkpoint_io import strip_prefix
 from codetr.models.backbones.pretrained import load_pretrained
+from codetr.models.safe_conv import SafeStridedConv2d
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class ResNet(nn.Module):
             raise ValueError(f"out_indices must be within 0..3, got {list(out_indices)}")
         self.depth, self.frozen_stages, self.norm_eval = depth, frozen_stages, norm_eval
         self.out_indices = tuple(out_indices)
-        self.conv1 = nn.Conv2d(3, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        # strided convs are SafeStridedConv2d (nn.Conv2d with the same keys; float32 for one-pixel-wide maps under
+        # bf16 on the CPU, see there): the coarse stages of very small images meet that case
+        self.conv1 = SafeStridedConv2d(3, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -144,9 +147,12 @@ def _make_stage(in_ch: int, planes: int, blocks: int, stride: int) -> tuple[nn.S
     downsample = None
     if stride != 1 or in_ch != out_ch:
         downsample = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            SafeStridedConv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
         )
-    layers = [Bottleneck(in_ch, planes, stride=stride, downsample=downsample)]
+    first = Bottleneck(in_ch, planes, stride=stride, downsample=downsample)
+    if stride != 1:  # torchvision's conv3x3 with the stride, as SafeStridedConv2d (same parameters and keys)
+        first.conv2 = SafeStridedConv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    layers = [first]
     layers += [Bottleneck(out_ch, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers), out_ch
 
