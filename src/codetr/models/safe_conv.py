@@ -1,17 +1,19 @@
 """``Conv2d`` that avoids a wrong bf16 weight gradient of strided convolutions over one-pixel-wide maps on the CPU.
 
-On CPUs with native bf16 (AVX512-BF16), oneDNN's bf16 backward-weights kernel of a 3x3 stride-2 convolution whose
-input is one column wide returns garbage: values read from uninitialised memory, from wrong by a factor of a few to
-1e36 and sometimes inf / NaN, different on every call (measured with torch 2.14 on AMD EPYC: input ``(2, 64, h, 1)``
-for h = 1, 2, 4, 5; the forward, the input gradient, stride-1 convolutions, 1x1 kernels and maps at least two pixels
-wide are right; the same convolution in float32, or with oneDNN off, is right). CPUs without native bf16 take
-another kernel and are not affected.
+On CPUs with native bf16 (AVX512-BF16), oneDNN's bf16 backward-weights kernel of a 3x3 (or 7x7) stride-2
+convolution whose input is one column wide returns garbage: values read from uninitialised memory, from wrong by a
+factor of a few to 1e36 and sometimes inf / NaN, different on every call (measured with torch 2.14 on AMD EPYC:
+input ``(2, 64, h, 1)`` for h = 1, 2, 4, 5; the forward, the input gradient, stride-1 convolutions, 1x1 kernels and
+maps at least two pixels wide are right; the same convolution in float32, or with oneDNN off, is right). CPUs
+without native bf16 take another kernel and are not affected.
 
 The detector meets such maps wherever a stride-2 convolution reads the coarsest level of a small image: the
-auxiliary pyramid's ``downsample`` (stride 64 -> 128) and the neck's extra levels; on the tiny CPU model the
-stride-64 map of a 64-pixel image is 1 x 1 at every step. Under ``bf16-mixed`` training this made the weight gradient
-of ``query_head.downsample.0.weight`` wrong at every step and non-finite at some (the non-finite step guard skipped
-them). :class:`SafeStridedConv2d` runs exactly that case in float32; the map is one pixel wide, so the cost is nil.
+auxiliary pyramid's ``downsample`` (stride 64 -> 128), the neck's extra levels and, on images only a few pixels wide,
+the ResNet's strided convolutions (its 7x7 stem measured wrong too; 1x1 stride 2 right, guarded all the same). On
+the tiny CPU model the stride-64 map of a 64-pixel image is 1 x 1 at every step. Under ``bf16-mixed`` training this
+made the weight gradient of ``query_head.downsample.0.weight`` wrong at every step and non-finite at some (the
+non-finite step guard skipped them). :class:`SafeStridedConv2d` runs exactly that case in float32; the map is one
+pixel wide, so the cost is nil.
 """
 
 from __future__ import annotations
