@@ -1,7 +1,8 @@
 """Inference engines side by side on the CPU: the eager detector (its default fast paths), the exported ONNX model
-in onnxruntime and, when it compiles within ``CODETR_BENCH_AOTI_TIMEOUT`` seconds (default 1800; 0 skips it), the
+in onnxruntime and, when it compiles within ``CODETR_BENCH_AOTI_TIMEOUT`` seconds (default 900; 0 skips it), the
 AOTInductor package; R50 Co-DINO (random weights, batch 1) at 512x512 and at the reference test size (LSJ canvas
-1024x1024), all in one run, with the official code's 512x512 CPU figure (oracle ``timings.json``) beside them.
+1024x1024), all in one run, with the official code's 512x512 CPU figure
+(``codetr.bench.model.official_timings``) beside them.
 
 The exported graphs decode NMS-free (deploy mode) and run deformable attention through its exact ``grid_sample``
 path; the eager rows use the recipe's soft-NMS and the compiled CPU attention kernel. Each engine runs in its own

@@ -247,8 +247,9 @@ class Pipeline(v2.Compose):
 
 def lsj_train(canvas_size: int = 1024, scale_range=(0.1, 2.0), pad_value: int = 114, min_box_size: float = 0.01,
               hflip_prob: float = 0.5, **_: object) -> Pipeline:
-    """Spec 8.1 load pipeline: jitter the long side to S*r, crop to at most S x S (boxes from masks), drop boxes
-    <= ``min_box_size``, flip, pad to S x S. Copy-Paste runs afterwards on two such samples."""
+    """LSJ load pipeline (docs/architecture.md#lsj): jitter the long side to S*r, crop to at most S x S (boxes
+    from masks), drop boxes <= ``min_box_size``, flip, pad to S x S. Copy-Paste runs afterwards on two such
+    samples."""
     return Pipeline(
         [
             JitterCrop(canvas_size, scale_range),  # = LongSideJitter then CropAtMost, lighter on masks
@@ -270,7 +271,8 @@ def lsj_test(canvas_size: int = 1024, pad_value: int = 114, **_: object) -> Pipe
 def detr_train(scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), max_size: int = 1333,
                crop_scales=(400, 500, 600), crop_max_size: int = 4200, crop_size=(384, 600), hflip_prob: float = 0.5,
                **_: object) -> Pipeline:
-    """Spec 8.2: flip, then 50/50 multi-scale resize or (resize -> absolute-range crop -> multi-scale resize)."""
+    """DETR augmentation (docs/architecture.md#detr-aug): flip, then 50/50 multi-scale resize or (resize ->
+    absolute-range crop -> multi-scale resize)."""
     multi_scale = KeepRatioResize(list(scales), max_size=max_size, antialias=True)
     crop_branch = v2.Compose([
         KeepRatioResize(list(crop_scales), max_size=crop_max_size, antialias=True),
