@@ -78,7 +78,17 @@ def build_roi(cfg: dict | None = None) -> RoIHead:
     )
 
 
-def build_atss(cfg: dict | None = None) -> ATSSHead:
+def dense_heads_filter_small_boxes(meta: dict) -> bool:
+    """Whether the oracle's mmdet drops boxes of size <= ``min_bbox_size`` in a dense head's test path: mmdet 3.x
+    does, the mmdet 2.x of the original Co-DETR code ignores the setting (``BaseDenseHead._bbox_post_process``)."""
+    versions = meta.get("versions", {})
+    mmdet = str(versions.get("mmdet", versions.get("mmdet_vendored", "3")))
+    return not mmdet.startswith("2.")
+
+
+def build_atss(cfg: dict | None = None, filter_small_boxes: bool = True) -> ATSSHead:
+    """The ATSS head of ``cfg``; ``filter_small_boxes`` False for oracles of mmdet 2.x code (see
+    :func:`dense_heads_filter_small_boxes`)."""
     cfg = cfg or model_cfg()
     head, train, test = cfg["bbox_head"][0], cfg["train_cfg"][2], cfg["test_cfg"][2]
     return ATSSHead(
@@ -98,7 +108,7 @@ def build_atss(cfg: dict | None = None) -> ATSSHead:
         test_score_thr=test["score_thr"],
         test_nms_iou=test["nms"]["iou_threshold"],
         test_max_per_img=test["max_per_img"],
-        min_bbox_size=test["min_bbox_size"],
+        min_bbox_size=test["min_bbox_size"] if filter_small_boxes else None,
     )
 
 

@@ -124,7 +124,7 @@ def build_query_head(cfg: dict, attention_impl: str = "pytorch"):
 def build_detector(cfg: dict | None = None, with_aux: bool = True):
     """The codetr detector matching the oracle's config, the oracle weights converted by ``codetr.convert`` and
     loaded strictly (without the auxiliary heads' weights when ``with_aux`` is False)."""
-    from aux_oracle import build_atss, build_roi, build_rpn
+    from aux_oracle import build_atss, build_roi, build_rpn, dense_heads_filter_small_boxes
 
     from codetr.convert import convert_state_dict
     from codetr.models.backbones.resnet import ResNet
@@ -139,7 +139,8 @@ def build_detector(cfg: dict | None = None, with_aux: bool = True):
                            neck.get("norm_cfg", {}).get("num_groups", 32), neck.get("kernel_size", 1))
     aux = {}
     if with_aux:
-        aux = {"rpn_head": build_rpn(cfg), "roi_head": [build_roi(cfg)], "bbox_head": [build_atss(cfg)]}
+        filter_small = dense_heads_filter_small_boxes(load("tiny_outputs.pth")["meta"])
+        aux = {"rpn_head": build_rpn(cfg), "roi_head": [build_roi(cfg)], "bbox_head": [build_atss(cfg, filter_small)]}
     detector = CoDETR(backbone, mapper, build_query_head(cfg), use_positive_queries=with_aux, **aux)
     state = load("tiny_state_dict.pth")
     if not with_aux:

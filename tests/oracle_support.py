@@ -131,6 +131,7 @@ def build_detector(cfg: dict | None = None, attention_impl: str = "pytorch"):
 
 def aux_heads(cfg: dict) -> dict:
     """RPN / RoI / ATSS heads from the mmdet config."""
-    from aux_oracle import build_atss, build_roi, build_rpn
+    from aux_oracle import build_atss, build_roi, build_rpn, dense_heads_filter_small_boxes
 
-    return {"rpn_head": build_rpn(cfg), "roi_head": [build_roi(cfg)], "bbox_head": [build_atss(cfg)]}
+    filter_small = dense_heads_filter_small_boxes(load("tiny_outputs.pth")["meta"])
+    return {"rpn_head": build_rpn(cfg), "roi_head": [build_roi(cfg)], "bbox_head": [build_atss(cfg, filter_small)]}

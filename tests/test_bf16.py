@@ -6,6 +6,9 @@
   :mod:`codetr.models.safe_conv`; the non-finite guard skipped the steps where the garbage was inf / NaN. CPUs
   without native bf16 run a correct kernel, so there the test checks that the float32 path is taken (output dtype)
   and that autocast rounds to bf16 elsewhere; without the guard it fails on both kinds.
+* The forward of a strided convolution whose OUTPUT is one column wide (inputs one or two columns wide) is float32
+  too: on Intel AMX-BF16 CPUs oneDNN's bf16 forward returns NaN there with 256+ channels (the tiny model's 512-channel
+  C5 -> extra neck level of a 64 px image); elsewhere the test checks the path taken (output dtype).
 * End to end: the tiny Co-DINO (all auxiliary heads, denoising; 48-64 pixel images, so the coarsest levels are one
   pixel wide) trains 40 optimiser steps with every loss term finite at every step, no step skipped by the
   non-finite guard, and a falling loss.
@@ -59,6 +62,20 @@ def test_strided_conv_weight_gradient_under_bf16_autocast_matches_float32_on_one
         assert conv(torch.randn(1, 64, height, 1)).dtype == torch.float32
         assert conv(torch.randn(1, 64, 4, 4)).dtype == torch.bfloat16
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_strided_conv_forward_under_bf16_autocast_is_finite_and_float32_when_the_output_is_one_pixel_wide(width):
+    torch.manual_seed(0)
+    conv = SafeStridedConv2d(256, 256, 3, stride=2, padding=1)
+    x = torch.randn(2, 256, 8, width)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.shape[-1] == 1 and out.dtype == torch.float32
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wider = conv(torch.randn(2, 256, 8, 4))
+    assert wider.shape[-1] == 2 and wider.dtype == torch.bfloat16
 
 
 def test_every_strided_conv_of_the_resnet_necks_and_query_head_is_guarded():

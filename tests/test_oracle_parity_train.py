@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 import torch
 from oracle_support import build_detector, image_sizes, load, require_oracle, targets
+from parity_support import gradient_norm_errors, loss_failures, parameters_with_gradients, seed_like_record
 
 RTOL = 1e-4
 
@@ -41,7 +42,7 @@ def run_losses(mode: str, detector=None):
     try:
         if mode == "train_det":
             torch.randperm = lambda n, *args, **kwargs: torch.arange(n)
-        torch.manual_seed(outputs["seed"])
+        seed_like_record(outputs)
         losses = detector(images, sizes, targets())
     finally:
         torch.randperm = original
@@ -49,14 +50,7 @@ def run_losses(mode: str, detector=None):
 
 
 def compare(losses: dict, reference: dict) -> float:
-    assert set(losses) == set(reference), f"keys differ: {set(losses) ^ set(reference)}"
-    worst, failures = 0.0, []
-    for key, expected in reference.items():
-        value = float(losses[key].detach())
-        error = abs(value - expected) / max(abs(expected), 1e-6)
-        worst = max(worst, error)
-        if error > RTOL:
-            failures.append(f"{key}: {value:.7g} vs {expected:.7g} (rel {error:.2g})")
+    failures, worst = loss_failures(losses, reference, RTOL)
     assert not failures, "loss terms differ from the oracle:\n" + "\n".join(failures)
     return worst
 
@@ -71,16 +65,11 @@ def test_every_loss_term_matches(mode):
 
 
 def gradient_errors(detector) -> list[tuple[float, str, float, float]]:
-    """(relative error, name, ours, reference) per parameter of the ``train_seeded`` gradient norms, worst first."""
+    """(error, name, ours, reference) per parameter of the ``train_seeded`` gradient norms, worst first."""
     from codetr.convert import rename_key
 
     record = load("tiny_outputs.pth")["train_seeded"]["grad_norm_sum"]
-    named = dict(detector.named_parameters())
-    errors = []
-    for name, (norm, _) in zip(record["names"], record["values"].tolist()):
-        ours = named[rename_key(name)].grad.norm().item()
-        errors.append((abs(ours - norm) / max(abs(norm), 1e-12), name, ours, norm))
-    return sorted(errors, reverse=True)
+    return gradient_norm_errors(dict(detector.named_parameters()), record, rename_key)
 
 
 def test_seeded_gradients_with_replayed_proposals_match_to_rounding():
@@ -112,14 +101,11 @@ def test_gradients_match_the_oracle_and_skip_frozen_parts():
     record = load("tiny_outputs.pth")["train_seeded"]["grad_norm_sum"]
     named = dict(detector.named_parameters())
     # the same parameters take part in the graph (a zero gradient counts: DDP needs every trained parameter used)
-    in_graph = {n for n, p in named.items() if p.grad is not None}
+    in_graph = parameters_with_gradients(named)
     expected_names = {rename_key(n) for n in record["names"]}
     assert in_graph == expected_names, f"differs: {sorted(in_graph ^ expected_names)[:10]}"
-    failures = []
-    for name, (norm, _) in zip(record["names"], record["values"].tolist()):
-        ours = named[rename_key(name)].grad.norm().item()
-        if abs(ours - norm) > 1e-3 * abs(norm) + 1e-6:
-            failures.append(f"{name}: {ours:.6g} vs {norm:.6g}")
+    errors = gradient_norm_errors(named, record, rename_key)
+    failures = [f"{name}: {ours:.6g} vs {norm:.6g}" for error, name, ours, norm in errors if not error <= 1e-3]
     assert not failures, "\n".join(failures[:20])
     frozen = [n for n in named if re.match(r"backbone\.(conv1|bn1|layer1)\.", n) or ".bn" in n]
     assert all(named[n].grad is None for n in frozen)

@@ -78,6 +78,9 @@ class ATSSHead(nn.Module):
         focal_alpha, focal_gamma: sigmoid focal loss. loss_*_weight: 12 / 24 / 12 (base x 6 layers x lambda 2).
         prior_prob, init_std: classifier bias prior and normal init std of all convs.
         test_nms_pre, test_score_thr, test_nms_iou, test_max_per_img, min_bbox_size: ``predict`` ('one-stage').
+            ``min_bbox_size`` None keeps every decoded box, as the original Co-DETR code (mmdet 2.x dense heads ignore
+            the setting): boxes clipped to zero width at the border are kept; a number drops boxes whose width or
+            height is not above it (mmdet 3.x).
     """
 
     def __init__(
@@ -104,7 +107,7 @@ class ATSSHead(nn.Module):
         test_score_thr: float = 0.0,
         test_nms_iou: float = 0.6,
         test_max_per_img: int = 100,
-        min_bbox_size: float = 0.0,
+        min_bbox_size: float | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -266,7 +269,7 @@ class ATSSHead(nn.Module):
                 all_scores.append(flat[:top] * ctr)
                 all_labels.append(classes)
             boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
-            if self.min_bbox_size >= 0:
+            if self.min_bbox_size is not None and self.min_bbox_size >= 0:
                 wh = boxes[:, 2:] - boxes[:, :2]
                 ok = (wh[:, 0] > self.min_bbox_size) & (wh[:, 1] > self.min_bbox_size)
                 boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
