@@ -124,15 +124,17 @@ def test_final_detections_in_original_image_pixels(run):
 
 @pytest.mark.parametrize("mode", ["one_stage", "two_stage"])
 def test_auxiliary_eval_paths(run, mode):
-    """``eval_module='one-stage'`` (ATSS, NMS 0.6) / ``'two-stage'`` (RPN + RoI head, NMS 0.5) detections on the
-    model's own auxiliary pyramid."""
-    detector, pyramid, sizes = run["detector"], run["record"]["pyramid"], image_sizes()
-    with torch.no_grad():
-        if mode == "one_stage":
-            results = detector.bbox_head[0].predict(pyramid, sizes)
-        else:
-            proposals = [boxes for boxes, _ in detector.rpn_head.predict(pyramid, sizes)]
-            results = detector.roi_head[0].predict(pyramid[:-1], proposals, sizes)
+    """``eval_module='one-stage'`` (ATSS, NMS 0.6) / ``'two-stage'`` (RPN + RoI head, NMS 0.5): the detector's own
+    forward with ``eval_module`` set gives the reference's detections (every kept box, zero-width ones clipped at
+    the border included)."""
+    detector = run["detector"]
+    images, sizes = load("tiny_inputs.pth")["img"].float(), image_sizes()
+    detector.eval_module = mode.replace("_", "-")
+    try:
+        with torch.no_grad():
+            results = detector(images, sizes)
+    finally:
+        detector.eval_module = "detr"
     metas = load("tiny_inputs.pth")["img_metas"]
     for ours, ref, meta in zip(results, run["eval"][f"detections_{mode}"], metas, strict=True):
         scale = torch.tensor(meta["scale_factor"], dtype=torch.float32)[:4]
@@ -140,3 +142,8 @@ def test_auxiliary_eval_paths(run, mode):
         assert torch.equal(ours["labels"], ref["labels"])
         close(ours["boxes"] / scale, ref["bboxes"], atol=1e-3)
         close(ours["scores"], ref["scores"], atol=1e-5)
+
+
+def test_eval_module_names_are_checked(run):
+    with pytest.raises(ValueError, match="eval_module must be one of"):
+        run["detector"].eval_module = "rpn"

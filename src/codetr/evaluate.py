@@ -75,6 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return evaluation["metrics"]
     module = build_module(cfg, datamodule)
     load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, strict_classes=True)
+    module.detector.eval_module = cfg.get("eval_module") or "detr"
     trainer = build_trainer(cfg)
     if stage == "test":
         trainer.test(module, datamodule=datamodule)

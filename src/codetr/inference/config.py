@@ -39,7 +39,7 @@ def dataset_class_names(cfg: Any) -> list[str] | None:
 
 def detector_from_config(cfg: Any) -> Detector:
     """``cfg``: a composed ``predict`` / ``evaluate`` config (``ckpt_path``, ``use_ema``, optional ``device``,
-    ``tta``, ``class_names``)."""
+    ``tta``, ``class_names``, ``eval_module``)."""
     device = pick_device(cfg.get("device"))
     tta = TTAConfig.from_mapping(cfg.get("tta"))
     checkpoint = load_weights_file(cfg.ckpt_path)
@@ -58,4 +58,4 @@ def detector_from_config(cfg: Any) -> Detector:
     elif len(description.class_names) != description.num_classes:
         raise ValueError(f"{len(description.class_names)} class names for a model of {description.num_classes} "
                          f"classes: {description.class_names}")
-    return Detector(model, description, device=device, tta=tta)
+    return Detector(model, description, device=device, tta=tta, eval_module=cfg.get("eval_module"))

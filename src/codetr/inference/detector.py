@@ -58,9 +58,11 @@ class Detector:
     labels; a :class:`codetr.models.co_detr.CoDETR`) on images prepared as ``description`` says."""
 
     def __init__(self, model: nn.Module, description: ModelDescription, device: str | torch.device = "cpu",
-                 tta: TTAConfig | None = None):
+                 tta: TTAConfig | None = None, eval_module: str | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if eval_module is not None:  # detr (default) | one-stage | two-stage: the auxiliary heads' own detections
+            self.model.eval_module = eval_module
         self.description, self.tta = description, tta
         self.pixel_mean = torch.tensor(description.pixel_mean, dtype=torch.float32, device=self.device)
         self.pixel_std = torch.tensor(description.pixel_std, dtype=torch.float32, device=self.device)
@@ -71,12 +73,14 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", *, recipe: str | None = None,
                         overrides: Sequence[str] = (), prefer_ema: bool = True, tta: TTAConfig | None = None,
-                        class_names: Sequence[str] | None = None) -> Detector:
+                        class_names: Sequence[str] | None = None, eval_module: str | None = None) -> Detector:
         """Load a codetr checkpoint (training ``.ckpt`` or ``python -m codetr.convert`` output), read safely
         (``weights_only=True``). EMA weights are used when the file has them and ``prefer_ema``.
 
         ``recipe`` (+ ``overrides``) describes the model of a checkpoint that carries no description (older files);
-        for one that does, they replace it. ``class_names`` replaces the stored names.
+        for one that does, they replace it. ``class_names`` replaces the stored names. ``eval_module``
+        ``"one-stage"`` / ``"two-stage"`` answers with the ATSS / Faster R-CNN auxiliary head instead of the DETR
+        head (the reference's ``eval_module``).
         """
         checkpoint = load_weights_file(path)
         if recipe is not None:
@@ -87,7 +91,7 @@ class Detector:
             description.class_names = [str(n) for n in class_names]
         model = build_model(description)
         load_detector_weights(model, checkpoint, prefer_ema=prefer_ema, strict_classes=True, source=str(path))
-        return cls(model, description, device=device, tta=tta)
+        return cls(model, description, device=device, tta=tta, eval_module=eval_module)
 
     @property
     def class_names(self) -> list[str] | None:

@@ -18,6 +18,8 @@ from codetr.models.heads.query_head import DETRQueryHead
 from codetr.models.part_agreement import check_feature_levels, check_positive_query_branches
 from codetr.models.postprocess import PostProcessor
 
+EVAL_MODULES = ("detr", "one-stage", "two-stage")
+
 
 def image_padding_mask(image_sizes: Tensor, batch_shape: Sequence[int]) -> Tensor:
     """``(B, H, W)`` bool, True outside each image's valid ``(h, w)`` (top-left aligned)."""
@@ -46,6 +48,11 @@ class CoDETR(nn.Module):
     ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
     export in its deploy mode); None keeps the query head's own decoding settings.
 
+    ``eval_module`` picks what answers at inference, as the reference's ``eval_module``: ``"detr"`` (default: the
+    query head alone, NMS-free), ``"one-stage"`` (ATSS head ``bbox_head[eval_index]`` on the auxiliary pyramid,
+    per-class NMS) or ``"two-stage"`` (RPN proposals -> ``roi_head[eval_index]``, per-class NMS). The last two
+    evaluate the auxiliary heads themselves (debugging, ablations); they need those heads built.
+
     The parts must agree on feature levels and positive-query branches; a mismatch is a ``ValueError`` naming both
     values (:mod:`codetr.models.part_agreement`).
     """
@@ -60,6 +67,8 @@ class CoDETR(nn.Module):
         bbox_head: Sequence[nn.Module] | None = None,
         use_positive_queries: bool = True,
         postprocessor: PostProcessor | None = None,
+        eval_module: str = "detr",
+        eval_index: int = 0,
     ):
         super().__init__()
         self.backbone, self.neck, self.query_head = backbone, neck, query_head
@@ -70,10 +79,27 @@ class CoDETR(nn.Module):
             raise ValueError("roi_head needs an rpn_head to produce proposals")
         self.use_positive_queries = use_positive_queries
         self.postprocessor = postprocessor
+        self.eval_index = eval_index
+        self.eval_module = eval_module
         transformer = query_head.transformer
         check_feature_levels(neck, transformer.num_levels, rpn_head, self.roi_head, self.bbox_head)
         check_positive_query_branches(len(transformer.aux_pos_trans), self.roi_head, self.bbox_head,
                                       use_positive_queries)
+
+    @property
+    def eval_module(self) -> str:
+        return self._eval_module
+
+    @eval_module.setter
+    def eval_module(self, value: str) -> None:
+        if value not in EVAL_MODULES:
+            raise ValueError(f"eval_module must be one of {', '.join(EVAL_MODULES)}, got {value!r}")
+        heads = {"one-stage": self.bbox_head, "two-stage": self.roi_head}.get(value)
+        if heads is not None and len(heads) <= self.eval_index:
+            kind = "bbox_head (ATSS)" if value == "one-stage" else "roi_head"
+            raise ValueError(f"eval_module={value!r} evaluates {kind}[{self.eval_index}], but this detector has "
+                             f"{len(heads)} such head(s) (plain DINO / Deformable-DETR build none)")
+        self._eval_module = value
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
         return list(self.neck(self.backbone(images)))
@@ -84,6 +110,8 @@ class CoDETR(nn.Module):
         img_mask = image_padding_mask(image_sizes, images.shape[-2:])
         feats = self.extract_features(images)
         if not self.training:
+            if self.eval_module != "detr":
+                return self.predict_auxiliary(feats, img_mask, image_sizes)
             if self.postprocessor is None:
                 return self.query_head.predict(feats, img_mask, image_sizes)
             logits, boxes = self.last_layer_predictions(feats, img_mask)
@@ -97,6 +125,17 @@ class CoDETR(nn.Module):
         boxes ``(B, Q, 4)`` sigmoid cxcywh normalised by each image's valid size."""
         logits, boxes, _ = self.query_head(feats, img_mask, None)
         return logits[-1], boxes[-1]
+
+    @torch.no_grad()
+    def predict_auxiliary(self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Detections of an auxiliary head (``eval_module`` one-stage / two-stage) on the pyramid of the encoder
+        output, per image ``{boxes (N, 4) xyxy input pixels, scores (N,), labels (N,)}``."""
+        _, _, out = self.query_head(feats, img_mask, None)
+        pyramid = self.query_head.aux_pyramid(out.encoder)
+        if self.eval_module == "one-stage":
+            return self.bbox_head[self.eval_index].predict(pyramid, image_sizes)
+        proposals = [boxes for boxes, _ in self.rpn_head.predict(pyramid, image_sizes)]
+        return self.roi_head[self.eval_index].predict(pyramid[:-1], proposals, image_sizes)
 
     def losses(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
