@@ -63,7 +63,7 @@ def test_training_step_sums_every_loss_term_and_logs_each(module):
     expected = sum(v for k, v in terms.items() if "loss" in k)
     assert torch.allclose(loss, expected, rtol=1e-5)
     assert "acc0" in terms and "train/acc0" in logged  # logged, never summed
-    assert {f"train/{k}" for k in terms} <= set(logged) and "train/loss" in logged
+    assert {f"train/{k}" for k in terms} <= set(logged) and "train/loss_step" in logged
     assert any(k.endswith("_aux1") for k in terms) and "loss_rpn_cls" in terms and "loss_centerness1" in terms
     loss.backward()
     assert module.detector.query_head.transformer.encoder.layers[0].self_attn.value_proj.weight.grad is not None

@@ -90,6 +90,15 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     scores = [next(v["best_model_score"] for k, v in s["callbacks"].items() if "val/AP" in k)
               for s in (straight, resumed)]
     assert_identical(scores[0], scores[1], "best val/AP")
+    # the interrupted epoch's train/loss_epoch averages all its steps, those before the kill included
+    assert epoch_losses(tmp_path / "straight") == epoch_losses(killed_dir)
+
+
+def epoch_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    rows = csv.DictReader(next(run_dir.glob("csv/**/metrics.csv")).open())
+    return {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
 
 
 class Indexed(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ Checkpoint keys are ``detector.<mmdet-like names>`` (``detector.backbone.*``, ``
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from codetr.lightning.optim import build_optimizer, build_schedulers, check_opti
 from codetr.lightning.strategies import FullyShardedStrategy
 from codetr.models.losses.matcher import tolerate_nonfinite_costs
 
+EPOCH_LOSS_KEY = "codetr_epoch_loss"
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -101,6 +103,9 @@ class CoDETRModule(pl.LightningModule):
         # the last evaluation's metrics, per-class AP / PR curves and COCO result records (for evaluate, callbacks)
         self.last_evaluation: dict[str, Any] | None = None
         self.description = dict(description) if description is not None else None
+        # running sum / count of this epoch's (rank-averaged, finite) step losses, saved in every checkpoint so that
+        # a mid-epoch resume logs train/loss_epoch over the whole epoch, not only the steps after the restart
+        self._epoch_loss = {"sum": 0.0, "count": 0, "epoch": -1}
         self.save_hyperparameters(
             {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "pixel_mean": list(pixel_mean),
              "pixel_std": list(pixel_std), "class_names": self.class_names}
@@ -109,6 +114,12 @@ class CoDETRModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.description is not None:
             checkpoint["codetr_model"] = self.description
+        checkpoint[EPOCH_LOSS_KEY] = dict(self._epoch_loss)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(EPOCH_LOSS_KEY)
+        if isinstance(saved, Mapping) and saved.get("epoch") == checkpoint.get("epoch"):
+            self._epoch_loss = {"sum": float(saved["sum"]), "count": int(saved["count"]), "epoch": saved["epoch"]}
 
     # ------------------------------------------------------------------ helpers
     def normalize(self, batch: Any) -> Tensor:
@@ -143,12 +154,30 @@ class CoDETRModule(pl.LightningModule):
         loss = total_loss(losses)
         if self.check_finite:
             self.nonfinite_guard.note(nonfinite_terms(losses))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+        # one all-reduce per step (as sync_dist did); every rank then holds the same value, so rank 0's checkpoint
+        # carries the epoch aggregate of all ranks
+        global_loss = loss.detach().float()
+        if self._trainer is not None:
+            global_loss = self._trainer.strategy.reduce(global_loss, reduce_op="mean")
+        self.log("train/loss_step", global_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        value = float(global_loss)
+        if math.isfinite(value):  # skipped (non-finite) steps are counted in train/skipped_steps, not averaged
+            if self._epoch_loss["epoch"] != self.current_epoch:
+                self._epoch_loss = {"sum": 0.0, "count": 0, "epoch": self.current_epoch}
+            self._epoch_loss["sum"] += value
+            self._epoch_loss["count"] += 1
         self.log_dict(
             {f"train/{k}": v.detach().float() for k, v in losses.items() if not isinstance(v, list | tuple)},
             on_step=True, on_epoch=False, batch_size=size,
         )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """``train/loss_epoch``: mean of the epoch's finite step losses, restored across mid-epoch resumes."""
+        if self._epoch_loss["epoch"] == self.current_epoch and self._epoch_loss["count"]:
+            mean = self._epoch_loss["sum"] / self._epoch_loss["count"]
+            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, sync_dist=False)
+        self._epoch_loss = {"sum": 0.0, "count": 0, "epoch": -1}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skips (clears the gradients of) a step whose loss terms or gradients are not finite, on every rank."""
