@@ -44,7 +44,8 @@ def test_bad_annotations_are_dropped_clipped_and_counted(tmp_path, caplog):
         {"id": 4, "image_id": 1, "category_id": 77, "bbox": [0, 0, 3, 10]},  # unknown category
         {"id": 5, "image_id": 1, "category_id": 5, "bbox": [0, 0, 3, 10], "iscrowd": 1},
         {"id": 6, "image_id": 1, "category_id": 5, "bbox": [50, 40, 30, 30]},  # partly outside -> clipped
-        {"id": 7, "image_id": 1, "category_id": 5, "bbox": [100, 100, 5, 5]},  # fully outside -> dropped
+        {"id": 7, "image_id": 1, "category_id": 5, "bbox": [100, 100, 5, 5]},  # > an image side outside -> dropped
+        {"id": 8, "image_id": 1, "category_id": 5, "bbox": [64, 10, 5, 5]},  # right of the image -> dropped at load
     ]
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
@@ -57,6 +58,8 @@ def test_bad_annotations_are_dropped_clipped_and_counted(tmp_path, caplog):
     assert ds.stats["annotations with unknown category ids dropped"] == 1
     assert ds.stats["annotations with missing or non-finite boxes dropped"] == 1
     assert ds.stats["crowd annotations (evaluation only)"] == 1
+    assert ds.stats["boxes far outside their image dropped (more than a whole image side)"] == 1
+    assert ds.stats["boxes reaching outside their image clipped"] == 2  # 6 and 8 (named in the warning)
     assert ds.stats["boxes outside the image dropped"] == 1
     assert "unknown category" in caplog.text
 

@@ -31,6 +31,7 @@ from typing import Any
 
 REQUIRED_FIELDS = ("images", "annotations", "categories")
 MAX_LISTED = 20
+NAMED = 5  # entries named for a tolerated (counted) case
 GZIP_MAGIC = b"\x1f\x8b"
 _MISSING = object()
 
@@ -78,7 +79,8 @@ def load_json(path: str | Path) -> Any:
     with path.open("rb") as handle:
         compressed = handle.read(2) == GZIP_MAGIC
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if compressed else path.open(encoding="utf-8")) as handle:
+        # utf-8-sig: a UTF-8 byte order mark (what some Windows tools write) is skipped, plain UTF-8 reads as before
+        with (gzip.open(path, "rt", encoding="utf-8-sig") if compressed else path.open(encoding="utf-8-sig")) as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as error:
         kind = "gzipped JSON" if compressed else "JSON"
@@ -130,6 +132,11 @@ def _check_images(data: dict, problems: _Problems, for_evaluation: bool) -> set[
 
 
 def _check_categories(data: dict, problems: _Problems) -> None:
+    if isinstance(data["categories"], list) and not data["categories"]:
+        problems.add("'categories'", "is empty: a detection file needs its classes, e.g. [{\"id\": 1, \"name\": "
+                                     "\"person\"}, ...] (one entry per class; their ids are what annotations' "
+                                     "category_id refer to)")
+        return
     ids: dict[int, int] = {}
     for index, category in _entries(data, "categories", problems):
         category_id = category.get("id", _MISSING)
@@ -166,10 +173,20 @@ def _check_annotation_fields(ann: dict, where: str, problems: _Problems, for_eva
                             f"{_describe(segmentation)}")
 
 
-def _check_annotations(data: dict, problems: _Problems, image_ids: set[int], for_evaluation: bool) -> Counter:
-    notes: Counter = Counter()
+def _check_annotations(data: dict, problems: _Problems, image_ids: set[int], for_evaluation: bool) -> Notes:
+    """Schema problems of the annotations; returns the tolerated cases as counts, each key naming its first
+    :data:`NAMED` entries (list index and id) so that a user can find them."""
+    notes = Notes()
     ids: dict[Any, int] = {}
     orphans: list[Any] = []
+    named: dict[str, list[str]] = {}
+    counts: Counter = Counter()
+
+    def note(kind: str, entry: str) -> None:
+        counts[kind] += 1
+        if len(named.setdefault(kind, [])) < NAMED:
+            named[kind].append(entry)
+
     entries = _entries(data, "annotations", problems)
     for index, ann in entries:
         ann_id = ann.get("id", _MISSING)
@@ -182,21 +199,55 @@ def _check_annotations(data: dict, problems: _Problems, image_ids: set[int], for
                 problems.add(where, f"the same id as annotations[{ids[ann_id]}] (duplicate annotation ids change "
                                     "COCO AP silently)")
             else:
-                notes["annotations sharing an id with another (kept: training does not use ids)"] += 1
+                note("duplicate", f"annotations[{index}] (id {ann_id!r}, as annotations[{ids[ann_id]}])")
         elif ann_id is not _MISSING:
             ids[ann_id] = index
+        if "bbox" in ann and ann["bbox"] is None:
+            note("null box", where)
         if _is_int(ann.get("image_id")) and ann["image_id"] not in image_ids:
             orphans.append(ann.get("image_id"))
+            note("orphan", f"annotations[{index}] (id {ann_id!r}, image_id {ann['image_id']})")
     if orphans and len(orphans) == len(entries) and image_ids:
         problems.add("annotations", f"none of the {len(orphans)} annotations has an image_id that matches an image "
                                     f"(annotation image_ids e.g. {sorted(set(orphans))[:5]}, image ids e.g. "
                                     f"{sorted(image_ids)[:5]})")
     elif orphans:
-        notes["annotations whose image_id matches no image dropped"] += len(orphans)
+        notes.add("annotations whose image_id matches no image dropped", counts["orphan"],
+                  _listed(named, counts, "orphan"))
+    if counts["duplicate"]:
+        notes.add("annotations sharing an id with another (kept: training does not use ids)", counts["duplicate"],
+                  _listed(named, counts, "duplicate"))
+    if counts["null box"]:
+        notes.add("annotations with a null bbox dropped", counts["null box"], _listed(named, counts, "null box"))
     return notes
 
 
-def check_coco(data: Any, path: str | Path, for_evaluation: bool = False) -> Counter:
+class Notes(Counter):
+    """Counts of tolerated problems, with ``examples[kind]`` naming the first entries of each kind."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, str] = {}
+
+    def add(self, kind: str, count: int, examples: str = "") -> None:
+        self[kind] += count
+        if examples:
+            self.examples[kind] = examples
+
+    def describe(self) -> str:
+        """One line: ``count kind (first entries)`` for every kind, sorted."""
+        return "; ".join(f"{n} {kind}" + (f" ({self.examples[kind]})" if kind in self.examples else "")
+                         for kind, n in sorted(self.items()))
+
+
+def _listed(named: dict[str, list[str]], counts: Counter, kind: str) -> str:
+    """The first entries of ``kind``, and how many more there are."""
+    entries = named.get(kind, [])
+    more = counts[kind] - len(entries)
+    return ", ".join(entries) + (f" and {more} more" if more > 0 else "")
+
+
+def check_coco(data: Any, path: str | Path, for_evaluation: bool = False) -> Notes:
     """Check a parsed COCO file (module docstring); returns the counted, tolerated problems."""
     problems = _Problems(Path(path))
     if not _check_top_level(data, problems):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,13 +31,35 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from codetr.data.annotations import check_coco, load_json, read_coco_json
+from codetr.data.annotations import Notes, check_coco, load_json, read_coco_json
 from codetr.data.images import ImageTooLargeError, UnsupportedPixelValuesError, load_rgb
 from codetr.data.masks import decode_segmentation, segmentation_problem
 
 __all__ = ["CocoDetection", "load_rgb", "read_coco_json"]
 log = logging.getLogger(__name__)
 LISTED = 5  # files / annotation ids named in one warning
+# A box edge this far outside its image (fraction of the image side, at least one pixel) is counted and named when
+# clipped; one more than a whole image side outside is not an annotation of this image: dropped and named.
+CLIP_TOLERANCE = 0.01
+
+def _outside(box: list[float], width: float, height: float) -> float:
+    """How far the xywh ``box`` reaches outside a ``width x height`` image, as a fraction of the image side (0
+    inside)."""
+    x, y, w, h = box
+    return max(-x / width, -y / height, (x + w - width) / width, (y + h - height) / height, 0.0)
+
+
+def _normalised_variant(path: Path) -> Path:
+    """``path``, or its Unicode-normalised twin (NFC / NFD) when only that exists: a json written on one system
+    names "é" composed while the file system (macOS, some copies from it) stores it decomposed, or the reverse."""
+    if path.exists():
+        return path
+    for form in ("NFC", "NFD"):
+        other = Path(unicodedata.normalize(form, str(path)))
+        if other != path and other.exists():
+            return other
+    return path
+
 
 class CocoDetection(Dataset):
     """COCO-format dataset returning transform-ready samples.
@@ -77,7 +99,8 @@ class CocoDetection(Dataset):
             raise FileNotFoundError(f"image folder not found: {self.images_dir}")
         self.annotation_file = Path(annotation_file)
         data = load_json(self.annotation_file)
-        self.stats: Counter = check_coco(data, self.annotation_file, for_evaluation)
+        self.stats: Notes = check_coco(data, self.annotation_file, for_evaluation)
+        self.for_evaluation = for_evaluation
         self.transform, self.mix, self.with_masks, self.max_retries = transform, mix, with_masks, max_retries
         self.max_image_pixels = max_image_pixels
         categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -97,23 +120,48 @@ class CocoDetection(Dataset):
         self._report()
 
     def _usable_images(self, images: list[dict], min_size: int) -> list[dict]:
+        """Images to use. One file listed under two ids would train twice, each copy teaching the other's objects
+        as background: for training the later id's annotations are merged into the first (named in a warning),
+        an evaluation file is refused (naming both ids)."""
         kept, seen = [], set()
+        by_file: dict[str, int] = {}
+        self._merged_ids: dict[int, int] = {}
+        merged: list[str] = []
         for image in images:
             if image["id"] in seen:
                 self.stats["duplicate image ids dropped"] += 1
                 continue
             seen.add(image["id"])
+            name = image.get("file_name") or image.get("coco_url")
+            key = unicodedata.normalize("NFC", str(name))
+            if key in by_file:
+                first = by_file[key]
+                if self.for_evaluation:
+                    raise ValueError(f"{self.annotation_file}: {name!r} is listed under two image ids, {first} and "
+                                     f"{image['id']}; evaluation would score the image twice against different "
+                                     "ground truth. Merge the two entries (and their annotations) into one")
+                self._merged_ids[image["id"]] = first
+                merged.append(f"{name} (ids {first} and {image['id']})")
+                continue
+            by_file[key] = image["id"]
             if min(image["width"], image["height"]) < min_size:
                 self.stats[f"images smaller than {min_size} px dropped"] += 1
                 continue
             kept.append(image)
+        if merged:
+            self.stats.add("images listed under two ids merged into the first", len(merged),
+                           ", ".join(merged[:LISTED]) + (" ..." if len(merged) > LISTED else ""))
         return kept
 
     def _usable_annotations(self, annotations: list[dict]) -> dict[int, list[dict]]:
-        """Training targets per kept image id (orphans were counted by :func:`check_coco`)."""
+        """Training targets per kept image id (orphans and null boxes were counted by :func:`check_coco`)."""
         per_image: dict[int, list[dict]] = {image["id"]: [] for image in self.images}
+        sizes = {image["id"]: (image["width"], image["height"]) for image in self.images}
+        names = {image["id"]: image.get("file_name", image["id"]) for image in self.images}
+        clipped, absurd, nonfinite = [], [], []
         for ann in annotations:
-            if ann["image_id"] not in per_image:
+            image_id = self._merged_ids.get(ann["image_id"], ann["image_id"])
+            if image_id not in per_image:
                 continue
             if ann.get("iscrowd", 0):
                 self.stats["crowd annotations (evaluation only)"] += 1
@@ -122,13 +170,32 @@ class CocoDetection(Dataset):
                 self.stats["annotations with unknown category ids dropped"] += 1
                 continue
             box = ann.get("bbox")
+            if box is None:
+                continue
+            where = f"annotation {ann.get('id', '?')} of {names[image_id]}"
             if not box or not all(v is not None and math.isfinite(v) for v in box):
                 self.stats["annotations with missing or non-finite boxes dropped"] += 1
+                nonfinite.append(where)
                 continue
             if box[2] <= 0 or box[3] <= 0:
                 self.stats["annotations with zero or negative size dropped"] += 1
                 continue
-            per_image[ann["image_id"]].append(ann)
+            outside = _outside(box, *sizes[image_id])
+            if outside > 1.0:
+                absurd.append(f"{where}: bbox {[round(v, 1) for v in box]} for a {sizes[image_id][0]}x"
+                              f"{sizes[image_id][1]} image")
+                continue
+            if outside > CLIP_TOLERANCE:
+                clipped.append(f"{where}: bbox {[round(v, 1) for v in box]}")
+            if image_id != ann["image_id"]:
+                ann = {**ann, "image_id": image_id}
+            per_image[image_id].append(ann)
+        for kind, found in (("boxes far outside their image dropped (more than a whole image side)", absurd),
+                            ("boxes reaching outside their image clipped", clipped)):
+            if found:
+                self.stats.add(kind, len(found), "; ".join(found[:LISTED]) + (" ..." if len(found) > LISTED else ""))
+        if nonfinite:
+            self.stats.examples["annotations with missing or non-finite boxes dropped"] = "; ".join(nonfinite[:LISTED])
         return per_image
 
     def _drop_unusable_segmentations(self) -> None:
@@ -168,8 +235,7 @@ class CocoDetection(Dataset):
 
     def _report(self) -> None:
         if self.stats:
-            details = "; ".join(f"{n} {what}" for what, n in sorted(self.stats.items()))
-            log.warning("%s: %s", self.annotation_file.name, details)
+            log.warning("%s: %s", self.annotation_file.name, self.stats.describe())
 
     def _warn_once(self, kind: str, message: str, *args: object) -> None:
         """Counts ``kind``; the first occurrence (per process) is logged with ``message``."""
@@ -192,7 +258,7 @@ class CocoDetection(Dataset):
 
     def image_path(self, entry: dict) -> Path:
         if "file_name" in entry:
-            return self.images_dir / entry["file_name"]
+            return _normalised_variant(self.images_dir / entry["file_name"])
         url = entry.get("coco_url", "")
         name = url.rsplit("/", 1)[-1]
         path = self.images_dir / name

@@ -54,6 +54,37 @@ COCO_METRICS = (
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
+def contradicting_areas(annotations: Sequence[dict]) -> list[str]:
+    """Annotations whose json ``area`` cannot belong to their box: not positive for a box of positive size, or
+    larger than the box (a mask lies inside its box). COCO evaluation bins objects into small / medium / large by
+    that ``area``, not by the box, so such entries move between APs / APm / APl (area 0 makes a large object
+    "small"). Returned as ``"id N: area A for a W x H box"``."""
+    found = []
+    for ann in annotations:
+        if not isinstance(ann, dict) or ann.get("iscrowd", 0):
+            continue
+        box, area = ann.get("bbox"), ann.get("area")
+        if not (isinstance(box, list | tuple) and len(box) == 4) or not isinstance(area, int | float):
+            continue
+        try:
+            width, height = float(box[2]), float(box[3])
+        except (TypeError, ValueError):
+            continue
+        if not (width > 0 and height > 0):
+            continue
+        if area <= 0 or area > width * height * 1.01 + 1.0:
+            found.append(f"id {ann.get('id', '?')}: area {area:g} for a {width:g} x {height:g} box")
+    return found
+
+
+def warn_contradicting_areas(annotations: Sequence[dict], path: str | Path) -> None:
+    found = contradicting_areas(annotations)
+    if found:
+        log.warning("%s: %d annotation(s) have an 'area' that contradicts their box (%s%s); the COCO size ranges "
+                    "(APs / APm / APl) use the json area as the COCO tools do: fix the file if that is not meant",
+                    path, len(found), "; ".join(found[:5]), " ..." if len(found) > 5 else "")
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -169,6 +200,9 @@ class CocoEvaluator(Metric):
                 f"{self.annotation_file}: annotation ids repeat ({len(repeated)} ids, e.g. "
                 f"{repeated[:5]}); COCO evaluation needs unique ids"
             )
+        if not getattr(self, "_areas_checked", False):
+            self._areas_checked = True
+            warn_contradicting_areas(data["annotations"], self.annotation_file)
         return gt
 
     def _empty_metrics(self) -> dict[str, float]:
