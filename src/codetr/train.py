@@ -10,17 +10,20 @@ of killed runs are removed and ``ckpt_path=last`` / ``last_if_exists`` resolved 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from codetr.checkpoint_io import load_detector_weights
 from codetr.utils import check_known_keys, check_targets, instantiate_checked
 from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics
+from codetr.utils.run_guard import RunEnvironmentError, exit_on_environment_error
 from codetr.utils.run_lock import RunLock, is_launcher_rank_zero
 
 if TYPE_CHECKING:
@@ -163,6 +166,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def last_stop_signal() -> int | None:
+    from codetr.lightning.signals import last_stop_signal as recorded
+
+    return recorded()
+
+
 def _finish_wandb() -> None:
     import sys
 
@@ -177,6 +186,12 @@ def main(cfg: DictConfig) -> float | None:
     route_library_logs()  # Lightning's messages into Hydra's <run dir>/train.log too
     try:
         metrics = train(cfg)
+    except RunEnvironmentError as error:  # full disk, unwritable directory: one line, not a traceback
+        exit_on_environment_error(error)
+    except SIGTERMException:  # stopped by SIGTERM / Ctrl-C after writing last.ckpt: 128 + signal, as shells expect
+        stopped_by = last_stop_signal() or signal.SIGTERM
+        log.info("stopped by %s: exit status %d", signal.Signals(stopped_by).name, 128 + stopped_by)
+        raise SystemExit(128 + stopped_by) from None
     finally:
         _finish_wandb()
     name = cfg.get("optimized_metric")

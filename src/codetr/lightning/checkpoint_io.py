@@ -4,7 +4,9 @@ Lightning's own ``TorchCheckpointIO`` serialises into memory and moves an fsspec
 temp directory onto the target; when that directory is on another file system the move is a copy that writes the
 target in place, and nothing is fsync'ed. Here the bytes go to a temporary file *in the target's directory*, are
 flushed and fsync'ed, and ``os.replace`` swaps it in (atomic on POSIX within one file system); the directory is
-fsync'ed too, so the rename survives a power loss. Remote URLs (``s3://`` ...) keep Lightning's behaviour.
+fsync'ed too, so the rename survives a power loss. Remote URLs (``s3://`` ...) keep Lightning's behaviour. A write
+that fails (full disk, read-only file system) removes its temporary file, leaves the previous checkpoint untouched
+and raises :class:`codetr.utils.run_guard.RunEnvironmentError` naming the file, the free space and what to do.
 
 The file is created with the process umask applied (like any other file the run writes; ``tempfile.mkstemp``
 would make it 0600). A process killed during a write leaves its ``.<name>.<8 characters>.tmp`` behind (a
@@ -26,6 +28,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from codetr.utils.run_guard import RunEnvironmentError, describe_write_error
 
 log = logging.getLogger(__name__)
 # ".last.ckpt.k3j9x_a2.tmp": ours, and what tempfile.mkstemp (used before) named them
@@ -74,18 +78,25 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to ``path`` via ``<dir>/.<name>.<random>.tmp`` + fsync + ``os.replace``; on any error the
     temporary file is removed and the previous ``path`` (if any) is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise first: a failure here never touches the disk
-    descriptor, temporary = _create_temporary(path)
+    temporary: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = _create_temporary(path)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:  # full disk, read-only file system, lost permission: one clear line, old file kept
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        kept = " (the previous checkpoints there are intact)" if path.parent.is_dir() else ""
+        raise RunEnvironmentError(error.errno, describe_write_error(error, path, "the checkpoint") + kept) from error
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
 

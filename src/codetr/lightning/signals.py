@@ -34,6 +34,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from codetr.lightning.step_checkpoint import ends_epoch
 
+_last_stop_signal: int | None = None
+
+
+def last_stop_signal() -> int | None:
+    """The signal (``signal.SIGINT`` / ``signal.SIGTERM``) that stopped the last fit of this process with a
+    checkpoint, or None; the entry point turns it into the exit status shells expect (128 + signal: 130 for Ctrl-C,
+    143 for SIGTERM), so a wrapper script can tell an interrupted run from a finished one."""
+    return _last_stop_signal
+
 
 class CheckpointOnSignal(pl.Callback):
     """On a stop request (SIGTERM, Ctrl-C) writes ``<checkpoint dir>/<filename>.ckpt`` (default ``last.ckpt``,
@@ -112,6 +121,8 @@ class CheckpointOnSignal(pl.Callback):
         self._restore_sigint()
         if not isinstance(exception, SIGTERMException):
             return
+        global _last_stop_signal
+        _last_stop_signal = signal.SIGINT if self._interrupts else signal.SIGTERM
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         rank_zero_info(f"stopped by a signal: checkpoint written to {path} (resume with ckpt_path=last and the same "

@@ -50,6 +50,23 @@ def _running(pid: int) -> bool:
     return True
 
 
+# lock files taken by this process for the job it is about to run (codetr.utils.run_guard, before Hydra writes
+# its record); the job's own RunLock on the same directory then joins instead of refusing
+_TAKEN_BEFORE_THE_JOB: set[Path] = set()
+
+
+def hold_for_the_job(lock: RunLock) -> None:
+    """Takes ``lock`` and lets the job's own :class:`RunLock` on the same directory join it."""
+    lock.acquire()
+    if lock.enabled:
+        _TAKEN_BEFORE_THE_JOB.add(lock.path)
+
+
+def release_after_the_job(lock: RunLock) -> None:
+    _TAKEN_BEFORE_THE_JOB.discard(lock.path)
+    lock.release()
+
+
 class RunDirectoryLockedError(RuntimeError):
     """Another run holds the run directory."""
 
@@ -60,6 +77,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.path = Path(run_dir) / LOCK_NAME
         self.enabled = enabled
+        self._nested = False  # this process already held the lock (taken earlier by the Hydra run guard)
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start_time(os.getpid()),
                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -98,6 +116,11 @@ class RunLock:
             if self._try_create():
                 return
             holder = self._read_holder()
+            if self.path in _TAKEN_BEFORE_THE_JOB and all(
+                holder.get(k) == self.owner[k] for k in ("host", "pid", "started")
+            ):
+                self._nested = True  # taken by codetr.utils.run_guard before Hydra wrote anything: ours
+                return
             if not holder or not self._stale(holder):
                 break
             log.warning("%s: taking over a stale lock of a run that is gone (%s)", self.path, _describe(holder))
@@ -109,6 +132,9 @@ class RunLock:
             f"run to end, or delete {self.path} if that run is dead.")
 
     def release(self) -> None:
+        if self._nested:
+            self._nested = False
+            return
         holder = self._read_holder()
         if self.enabled and (holder.get("pid"), holder.get("host")) == (self.owner["pid"], self.owner["host"]):
             self.path.unlink(missing_ok=True)
