@@ -120,7 +120,7 @@ def test_rpn_proposals_match_records(det_run):
             tied = torch.nonzero((ref_scores - ref_scores[row]).abs() <= 1e-6).view(-1)
             assert len(tied) > 1, f"proposal {row} differs and its score is not tied"
             assert (got[row] - ref_boxes[tied]).abs().amax(dim=1).min() <= 1e-3
-        assert (~close).sum() <= 10
+        assert (~close).sum() <= max(1, len(ref_boxes) // 100)  # ties are the exception (1 % of the rows at most)
 
 
 def test_roi_sampling_matches_records(det_run):
