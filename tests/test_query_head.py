@@ -29,7 +29,7 @@ def inputs(batch_shape=(64, 96)):
 def test_loss_keys_follow_the_reference_naming():
     head = small_head().train()
     feats, mask, sizes, targets = inputs()
-    losses, state = head.loss(feats, mask, sizes, targets)
+    losses, state = head.loss(feats, mask, sizes, targets)[:2]
     expected = {"loss_cls", "loss_bbox", "loss_iou", "enc_loss_cls", "enc_loss_bbox", "enc_loss_iou",
                 "dn_loss_cls", "dn_loss_bbox", "dn_loss_iou"}
     expected |= {f"d{k}.{p}loss_{t}" for k in range(2) for p in ("", "dn_") for t in ("cls", "bbox", "iou")}
@@ -41,7 +41,7 @@ def test_loss_keys_follow_the_reference_naming():
 def test_aux_pyramid_has_an_extra_coarser_level_and_passes_gradients_to_the_encoder():
     head = small_head().train()
     feats, mask, sizes, targets = inputs()
-    _, state = head.loss(feats, mask, sizes, targets)
+    state = head.loss(feats, mask, sizes, targets).encoder
     pyramid = head.aux_pyramid(state)
     assert [tuple(p.shape[-2:]) for p in pyramid] == [(8, 12), (4, 6), (2, 3), (1, 2)]
     pyramid[-1].square().sum().backward()
@@ -52,7 +52,7 @@ def test_aux_pyramid_has_an_extra_coarser_level_and_passes_gradients_to_the_enco
 def test_positive_query_losses_train_their_projection_and_the_shared_decoder():
     head = small_head().train()
     feats, mask, sizes, targets = inputs()
-    _, state = head.loss(feats, mask, sizes, targets)
+    state = head.loss(feats, mask, sizes, targets).encoder
 
     positives = SimpleNamespace(
         coords=[torch.tensor([[10.0, 12.0, 38.0, 30.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([[4.0, 6.0, 21.0, 24.0]])],
@@ -73,7 +73,7 @@ def test_batch_without_ground_truth_still_uses_every_trained_parameter():
     head = small_head().train()
     feats, mask, sizes, _ = inputs()
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
-    losses, _ = head.loss(feats, mask, sizes, empty)
+    losses = head.loss(feats, mask, sizes, empty).losses
     sum(losses.values()).backward()
     assert head.dn_generator.label_embedding.weight.grad is not None
 
@@ -96,10 +96,10 @@ def test_bf16_autocast_keeps_losses_finite_and_close_to_float32():
     head = small_head().train()
     feats, mask, sizes, targets = inputs()
     torch.manual_seed(3)
-    exact, _ = head.loss(feats, mask, sizes, targets)
+    exact = head.loss(feats, mask, sizes, targets).losses
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed, _ = head.loss(feats, mask, sizes, targets)
+        mixed = head.loss(feats, mask, sizes, targets).losses
     for key, value in mixed.items():
         assert value.dtype == torch.float32 and torch.isfinite(value), key
         assert abs(value.item() - exact[key].item()) <= 0.1 * abs(exact[key].item()) + 0.05, key
@@ -112,7 +112,7 @@ def test_encoder_activation_checkpointing_gives_identical_losses_and_gradients()
         head = small_head().train()
         head.transformer.encoder.checkpoint_layers = layers
         torch.manual_seed(5)
-        losses, _ = head.loss([f.clone().requires_grad_() for f in feats], mask, sizes, targets)
+        losses = head.loss([f.clone().requires_grad_() for f in feats], mask, sizes, targets).losses
         total = sum(losses.values())
         total.backward()
         grads = [p.grad.clone() for p in head.transformer.encoder.parameters() if p.grad is not None]

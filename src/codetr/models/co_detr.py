@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from codetr.models.heads.mask_branch import MaskBranch
 from codetr.models.heads.query_head import DETRQueryHead
 from codetr.models.part_agreement import check_feature_levels, check_positive_query_branches
 from codetr.models.postprocess import PostProcessor
@@ -39,11 +40,14 @@ class CoDETR(nn.Module):
     Args (inputs):
         images: ``(B, 3, H, W)`` normalised, padded bottom/right.
         image_sizes: ``(B, 2)`` int (h, w) valid size per image (LSJ: the whole canvas).
-        targets: training only; per image ``{"boxes": (N, 4) xyxy input pixels, "labels": (N,) int64}``.
+        targets: training only; per image ``{"boxes": (N, 4) xyxy input pixels, "labels": (N,) int64}`` and, with a
+            mask branch, ``"masks"``: ``(N, H, W)`` binary on the image's padded canvas.
 
     Returns:
         training: dict of named loss tensors (+ ``acc0``, not a loss); eval: per image
-        ``{"boxes" (N, 4) xyxy input pixels, "scores" (N,), "labels" (N,)}``.
+        ``{"boxes" (N, 4) xyxy input pixels, "scores" (N,), "labels" (N,)}``; with a mask branch also
+        ``"mask_probs"`` ``(N, S, S)`` (RoI grid, to paste with :func:`codetr.models.mask_ops.paste_masks`) and
+        ``"mask_scores"`` ``(N,)``.
 
     ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
     export in its deploy mode); None keeps the query head's own decoding settings.
@@ -69,6 +73,7 @@ class CoDETR(nn.Module):
         postprocessor: PostProcessor | None = None,
         eval_module: str = "detr",
         eval_index: int = 0,
+        mask_branch: MaskBranch | None = None,
     ):
         super().__init__()
         self.backbone, self.neck, self.query_head = backbone, neck, query_head
@@ -79,6 +84,9 @@ class CoDETR(nn.Module):
             raise ValueError("roi_head needs an rpn_head to produce proposals")
         self.use_positive_queries = use_positive_queries
         self.postprocessor = postprocessor
+        if mask_branch is not None and postprocessor is None:
+            raise ValueError("a mask branch needs the detector's postprocessor (it masks the decoded detections)")
+        self.mask_branch = mask_branch
         self.eval_index = eval_index
         self.eval_module = eval_module
         transformer = query_head.transformer
@@ -114,8 +122,11 @@ class CoDETR(nn.Module):
                 return self.predict_auxiliary(feats, img_mask, image_sizes)
             if self.postprocessor is None:
                 return self.query_head.predict(feats, img_mask, image_sizes)
-            logits, boxes = self.last_layer_predictions(feats, img_mask)
-            return self.postprocessor(logits, boxes, image_sizes)
+            logits, boxes, out = self.query_head(feats, img_mask, None)
+            detections = self.postprocessor(logits[-1], boxes[-1], image_sizes)
+            if self.mask_branch is None:
+                return detections
+            return self.mask_branch.predict(self.query_head.encoder_pyramid(out.encoder), detections)
         if targets is None:
             raise ValueError("CoDETR in training mode needs targets; call .eval() for predictions")
         return self.losses(feats, img_mask, image_sizes, targets)
@@ -140,15 +151,20 @@ class CoDETR(nn.Module):
     def losses(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        losses, state = self.query_head.loss(feats, img_mask, image_sizes, targets)
-        if self.rpn_head is None and not len(self.bbox_head):
+        query = self.query_head.loss(feats, img_mask, image_sizes, targets)
+        losses, state = query.losses, query.encoder
+        if self.rpn_head is None and not len(self.bbox_head) and self.mask_branch is None:
             return losses
-        pyramid = self.query_head.aux_pyramid(state)
+        pyramid = (self.query_head.aux_pyramid(state) if self.rpn_head is not None or len(self.bbox_head)
+                   else self.query_head.encoder_pyramid(state))
         positives = []
         if self.rpn_head is not None:
             agnostic = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])} for t in targets]
             rpn_losses, proposals = self.rpn_head.loss_and_proposals(pyramid, image_sizes, agnostic)
             losses.update(rpn_losses)
+        if self.mask_branch is not None:  # after the RPN's sampling, before the RoI heads': the reference's order
+            losses.update(self.mask_branch.loss(pyramid, query.logits, query.boxes, image_sizes, targets))
+        if self.rpn_head is not None:
             for index, head in enumerate(self.roi_head):
                 roi_losses, found = head.loss(pyramid[:-1], proposals, image_sizes, targets)
                 losses.update(_suffixed(roi_losses, index))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from codetr.models.box_ops import size_factors, xyxy_to_cxcywh
 from codetr.models.heads.positive_queries import build_positive_queries
 from codetr.models.heads.positives import PositiveSet
-from codetr.models.heads.query_head import DETRQueryHead, layer_loss_names
+from codetr.models.heads.query_head import DETRQueryHead, QueryHeadLoss, layer_loss_names
 from codetr.models.losses.set_criterion import SetCriterion
 from codetr.models.postprocess import PostProcessor
 from codetr.models.transformer.deformable_transformer import CoDeformableTransformer
@@ -75,9 +75,9 @@ class CoDeformableDETRHead(DETRQueryHead):
     # ------------------------------------------------------------------ training
     def loss(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
-    ) -> tuple[dict[str, Tensor], EncoderState]:
-        """Matching losses of every decoder layer and the class-agnostic encoder loss over all tokens; returns
-        them with the encoder state."""
+    ) -> QueryHeadLoss:
+        """Matching losses of every decoder layer and the class-agnostic encoder loss over all tokens, with the
+        encoder state and the last layer's predictions (:class:`QueryHeadLoss`)."""
         gt_boxes_abs = [t["boxes"] for t in targets]
         gt_labels = [t["labels"] for t in targets]
         logits, boxes, out = self(feats, img_mask)
@@ -91,7 +91,7 @@ class CoDeformableDETRHead(DETRQueryHead):
         agnostic = [torch.zeros_like(labels) for labels in gt_labels]
         (encoder,) = self.criterion.matching_losses([(out.enc_logits, out.enc_boxes)], gt_boxes, agnostic, factors)
         losses.update(zip(("enc_loss_cls", "enc_loss_bbox", "enc_loss_iou"), encoder))
-        return losses, out.encoder
+        return QueryHeadLoss(losses, out.encoder, logits[-1], boxes[-1])
 
     def loss_positive_queries(
         self, state: EncoderState, positives: PositiveSet, head_index: int, image_sizes: Tensor

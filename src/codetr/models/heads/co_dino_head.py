@@ -13,7 +13,7 @@ from torch import Tensor
 
 from codetr.models.box_ops import size_factors, xyxy_to_cxcywh
 from codetr.models.heads.positive_queries import build_positive_queries
-from codetr.models.heads.query_head import DETRQueryHead, layer_loss_names
+from codetr.models.heads.query_head import DETRQueryHead, QueryHeadLoss, layer_loss_names
 from codetr.models.losses.matcher import HungarianMatcher
 from codetr.models.losses.set_criterion import SetCriterion
 from codetr.models.postprocess import postprocess
@@ -96,9 +96,9 @@ class CoDINOHead(DETRQueryHead):
     # ------------------------------------------------------------------ training
     def loss(
         self, feats: list[Tensor], img_mask: Tensor, image_sizes: Tensor, targets: list[dict[str, Tensor]]
-    ) -> tuple[dict[str, Tensor], EncoderState]:
-        """Matching, encoder and denoising losses (docs/architecture.md#matching-loss-4.4); returns them with the
-        encoder state."""
+    ) -> QueryHeadLoss:
+        """Matching, encoder and denoising losses (docs/architecture.md#matching-loss-4.4), with the encoder state
+        and the last layer's predictions (:class:`QueryHeadLoss`)."""
         gt_boxes_abs = [t["boxes"] for t in targets]
         gt_labels = [t["labels"] for t in targets]
         denoising = self.dn_generator(gt_boxes_abs, gt_labels, image_sizes) if self.use_denoising else None
@@ -121,7 +121,7 @@ class CoDINOHead(DETRQueryHead):
                     gt_boxes, gt_labels, factors,
                 )
                 losses.update(zip(names, values))
-        return losses, out.encoder
+        return QueryHeadLoss(losses, out.encoder, logits[-1], boxes[-1])
 
     def loss_positive_queries(
         self, state: EncoderState, positives, head_index: int, image_sizes: Tensor

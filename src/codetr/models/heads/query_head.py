@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,18 @@ from codetr.models.box_ops import inverse_sigmoid
 from codetr.models.safe_conv import SafeStridedConv2d
 from codetr.models.transformer.position import SinePositionalEncoding
 from codetr.models.transformer.two_stage import EncoderState, TwoStageTransformer
+
+
+class QueryHeadLoss(NamedTuple):
+    """What a query head's ``loss`` returns: the named losses, the encoder state the auxiliary branches read, and the
+    last decoder layer's predictions over every query (denoising queries first, as the decoder ran them): logits
+    ``(B, Q, K)`` and boxes ``(B, Q, 4)`` sigmoid cxcywh normalised by each image's valid size (the mask branch's
+    training boxes)."""
+
+    losses: dict[str, Tensor]
+    encoder: EncoderState
+    logits: Tensor
+    boxes: Tensor
 
 
 def layer_loss_names(prefix: str, suffix: str, num_layers: int) -> list[tuple[str, str, str]]:
@@ -90,16 +103,20 @@ class DETRQueryHead(nn.Module):
             boxes.append((self.reg_branches[k](state) + inverse_sigmoid(references[k], eps=eps)).sigmoid())
         return logits, boxes
 
-    def aux_pyramid(self, state: EncoderState) -> list[Tensor]:
-        """Encoder memory back to L maps ``(B, C, h, w)`` plus ``downsample`` of the last: the one-to-many heads'
-        input (one level more than the encoder's). Not detached: their losses train the encoder."""
-        if self.downsample is None:
-            raise ValueError("auxiliary heads need the query head's downsample: set transformer.num_co_heads > 0")
+    def encoder_pyramid(self, state: EncoderState) -> list[Tensor]:
+        """Encoder memory back to its L maps ``(B, C, h, w)`` (what the mask branch reads)."""
         batch, _, dims = state.memory.shape
-        maps = [
+        return [
             chunk.transpose(1, 2).reshape(batch, dims, h, w)
             for chunk, (h, w) in zip(
                 state.memory.split([h * w for h, w in state.layout.shapes], 1), state.layout.shapes
             )
         ]
+
+    def aux_pyramid(self, state: EncoderState) -> list[Tensor]:
+        """Encoder memory back to L maps ``(B, C, h, w)`` plus ``downsample`` of the last: the one-to-many heads'
+        input (one level more than the encoder's). Not detached: their losses train the encoder."""
+        if self.downsample is None:
+            raise ValueError("auxiliary heads need the query head's downsample: set transformer.num_co_heads > 0")
+        maps = self.encoder_pyramid(state)
         return maps + [self.downsample(maps[-1])]

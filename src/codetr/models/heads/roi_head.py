@@ -16,13 +16,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss, roi_align
+from torchvision.ops import generalized_box_iou_loss
 
 from codetr.models.assigners import MaxIoUAssigner
 from codetr.models.box_coder import DeltaXYWHBoxCoder
 from codetr.models.heads.positives import PositiveSet
 from codetr.models.heads.roi_bbox_head import ConvFCBBoxHead
 from codetr.models.heads.rpn_head import grouped_nms
+from codetr.models.roi_extractor import MultiLevelRoIExtractor
 from codetr.models.samplers import RandomSampler, SamplingResult
 
 _EPS = torch.finfo(torch.float32).eps
@@ -87,7 +88,7 @@ class RoIHead(nn.Module):
             reg_class_agnostic=reg_class_agnostic,
         )
         self.strides, self.roi_size = list(strides), roi_size
-        self.sampling_ratio, self.finest_scale = sampling_ratio, finest_scale
+        self.extractor = MultiLevelRoIExtractor(strides, roi_size, sampling_ratio, finest_scale)
         self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality)
         self.sampler = RandomSampler(num_samples, pos_fraction, add_gt_as_proposals=add_gt_as_proposals)
         self.coder = DeltaXYWHBoxCoder(stds=target_stds)
@@ -101,27 +102,12 @@ class RoIHead(nn.Module):
 
     def roi_levels(self, boxes: Tensor) -> Tensor:
         """``(R, 4)`` xyxy -> ``(R,)`` pyramid level index by RoI scale."""
-        scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
-        return levels.clamp(min=0, max=len(self.strides) - 1).long()
+        return self.extractor.levels(boxes)
 
     def roi_features(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """feats: per level ``(B, C, H_l, W_l)``; rois ``(R, 5)`` = (batch index, x1, y1, x2, y2)
         -> ``(R, C, S, S)``."""
-        out = feats[0].new_zeros(len(rois), feats[0].shape[1], self.roi_size, self.roi_size)
-        levels = self.roi_levels(rois[:, 1:])
-        for level, stride in enumerate(self.strides):
-            inds = torch.nonzero(levels == level).view(-1)
-            if len(inds):
-                out[inds] = roi_align(
-                    feats[level],
-                    rois[inds].to(feats[level].dtype),
-                    self.roi_size,
-                    1.0 / stride,
-                    self.sampling_ratio,
-                    aligned=True,
-                ).to(out.dtype)
-        return out
+        return self.extractor(feats, rois)
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> list[SamplingResult]:
         """Assign and sample every image in order (the random stream follows the reference)."""
