@@ -23,9 +23,21 @@ def _anchor_kwargs(gen: dict) -> dict:
     }
 
 
+def head_slots(cfg: dict) -> dict[str, int | None]:
+    """Indices into ``train_cfg`` / ``test_cfg`` as the reference's ``CoDETR.__init__`` assigns them: the query
+    head first, then the mask branch (when configured), then the RPN / RoI heads, then the dense heads."""
+    index, slots = 1, {"query": 0, "mask": None}
+    if cfg.get("mask_head"):
+        slots["mask"], index = index, index + 1
+    slots["rcnn"] = index
+    slots["dense"] = index + len([h for h in cfg.get("roi_head", []) if h])
+    return slots
+
+
 def build_rpn(cfg: dict | None = None) -> RPNHead:
     cfg = cfg or model_cfg()
-    head, train, test = cfg["rpn_head"], cfg["train_cfg"][1], cfg["test_cfg"][1]["rpn"]
+    slot = head_slots(cfg)["rcnn"]
+    head, train, test = cfg["rpn_head"], cfg["train_cfg"][slot], cfg["test_cfg"][slot]["rpn"]
     assigner, sampler, proposal = train["rpn"]["assigner"], train["rpn"]["sampler"], train["rpn_proposal"]
     return RPNHead(
         in_channels=head["in_channels"],
@@ -53,7 +65,8 @@ def build_roi(cfg: dict | None = None) -> RoIHead:
     cfg = cfg or model_cfg()
     roi = cfg["roi_head"][0]
     head, extractor = roi["bbox_head"], roi["bbox_roi_extractor"]
-    train, test = cfg["train_cfg"][1]["rcnn"], cfg["test_cfg"][1]["rcnn"]
+    slot = head_slots(cfg)["rcnn"]
+    train, test = cfg["train_cfg"][slot]["rcnn"], cfg["test_cfg"][slot]["rcnn"]
     return RoIHead(
         num_classes=head["num_classes"],
         in_channels=head["in_channels"],
@@ -75,6 +88,11 @@ def build_roi(cfg: dict | None = None) -> RoIHead:
         test_score_thr=test["score_thr"],
         test_nms_iou=test["nms"]["iou_threshold"],
         test_max_per_img=test["max_per_img"],
+        num_shared_convs=head.get("num_shared_convs", 0),
+        conv_channels=head.get("conv_out_channels", head["in_channels"]),
+        norm_groups=(head.get("norm_cfg") or {}).get("num_groups", 32),
+        num_shared_fcs=head.get("num_shared_fcs", 2),
+        reg_class_agnostic=head.get("reg_class_agnostic", False),
     )
 
 
@@ -90,7 +108,8 @@ def build_atss(cfg: dict | None = None, filter_small_boxes: bool = True) -> ATSS
     """The ATSS head of ``cfg``; ``filter_small_boxes`` False for oracles of mmdet 2.x code (see
     :func:`dense_heads_filter_small_boxes`)."""
     cfg = cfg or model_cfg()
-    head, train, test = cfg["bbox_head"][0], cfg["train_cfg"][2], cfg["test_cfg"][2]
+    slot = head_slots(cfg)["dense"]
+    head, train, test = cfg["bbox_head"][0], cfg["train_cfg"][slot], cfg["test_cfg"][slot]
     return ATSSHead(
         num_classes=head["num_classes"],
         in_channels=head["in_channels"],

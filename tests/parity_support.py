@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-# A gradient whose reference norm is below this fraction of the record's largest norm is zero in exact arithmetic
-# (a conv bias before a GroupNorm, a scale that no positive reached): its float32 value is rounding noise, so it is
-# compared with this absolute bound instead of relatively.
-ZERO_GRADIENT_FRACTION = 1e-8
+# Gradient norms are compared relatively, but against at least this fraction of the record's largest norm: a norm
+# that small is float32 noise around (near-)cancellation -- a conv bias before a GroupNorm, a conv weight whose
+# gradient the next GroupNorm almost removes, a scale that no positive reached -- so with the 1e-3 tolerance of the
+# tests it must agree to 1e-8 of the largest norm instead.
+GRADIENT_SCALE_FRACTION = 1e-5
 
 
 def seed_like_record(record: Mapping) -> None:
@@ -49,20 +50,15 @@ def gradient_norm_errors(
     named: Mapping[str, torch.nn.Parameter], record: Mapping, rename: Callable[[str], str] = lambda n: n
 ) -> list[tuple[float, str, float, float]]:
     """(error, reference name, ours, reference) per parameter of a ``grad_norm_sum`` record, worst first. The error
-    is relative, except for exactly-zero gradients (see :data:`ZERO_GRADIENT_FRACTION`), whose absolute difference is
-    divided by the record's largest norm."""
+    is ``|ours - reference| / max(|reference|, GRADIENT_SCALE_FRACTION * largest reference norm)``."""
     norms = record["values"][:, 0].tolist()
-    scale = max(abs(n) for n in norms) if norms else 1.0
-    floor = ZERO_GRADIENT_FRACTION * scale
+    scale = max((abs(n) for n in norms), default=1.0)
+    floor = GRADIENT_SCALE_FRACTION * scale
     errors = []
     for name, norm in zip(record["names"], norms):
         grad = named[rename(name)].grad
         ours = grad.norm().item() if grad is not None else float("nan")
-        if abs(norm) <= floor:
-            error = abs(ours - norm) / scale if abs(ours) <= 10 * floor else float("inf")
-        else:
-            error = abs(ours - norm) / abs(norm)
-        errors.append((error, name, ours, norm))
+        errors.append((abs(ours - norm) / max(abs(norm), floor), name, ours, norm))
     return sorted(errors, key=lambda e: (e[0] != e[0], e[0]), reverse=True)
 
 

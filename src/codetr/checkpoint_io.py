@@ -37,6 +37,10 @@ CLASS_DEPENDENT = [
     r"query_head\.dn_generator\.label_embedding\.weight",
     r"bbox_head\.\d+\.atss_cls\.(weight|bias)",
     r"roi_head\.\d+\.bbox_head\.fc_(cls|reg)\.(weight|bias)",
+    # mask branch: per-class stage classifiers (a class-agnostic last stage has 1 row, kept across class counts by
+    # the shape check) and the mask-IoU classes
+    r"mask_branch\.mask_head\.stage_instance_logits\.\d+\.(weight|bias)",
+    r"mask_branch\.mask_iou_head\.fc_mask_iou\.(weight|bias)",
 ]
 
 

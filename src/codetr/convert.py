@@ -63,7 +63,7 @@ from codetr.models.backbones.swin import swin_naming, swin_to_codetr
 log = logging.getLogger(__name__)
 # ATSS ``Scale`` multipliers: 0-d in the reference, (1,) in codetr (FSDP2 cannot shard 0-d parameters).
 _SCALAR_TO_1D = r"bbox_head\.\d+\.scales\.\d+\.scale"
-TOP_LEVEL = ("backbone.", "neck.", "query_head.", "rpn_head.", "roi_head.", "bbox_head.")
+TOP_LEVEL = ("backbone.", "neck.", "query_head.", "rpn_head.", "roi_head.", "bbox_head.", "mask_branch.")
 
 _ATTN = r"(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)"
 _MHA = r"(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
@@ -85,6 +85,9 @@ RENAME_RULES: list[tuple[str, str]] = [
     (_DEC + r"norms\.1\." + _WB, r"query_head.transformer.decoder.layers.\1.norm2.\2"),
     (_DEC + r"norms\.2\." + _WB, r"query_head.transformer.decoder.layers.\1.norm3.\2"),
     (r"query_head\.label_embedding\.weight", r"query_head.dn_generator.label_embedding.weight"),
+    # Co-DINO-Inst: the detector-level mask head and mask-IoU head live in codetr's mask branch
+    (r"mask_head\.(.+)", r"mask_branch.mask_head.\1"),
+    (r"mask_iou_head\.(.+)", r"mask_branch.mask_iou_head.\1"),
 ]
 # Keys of our query head (after renaming); other top-level modules keep mmdet's names and are accepted as-is.
 QUERY_HEAD_KEYS = [

@@ -160,7 +160,7 @@ def plain(o):
     if isinstance(o, list | tuple):
         return [plain(v) for v in o]
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return [float(v) for v in o.reshape(-1).tolist()] if o.dtype.kind == "f" else o.tolist()
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -187,7 +187,9 @@ def in_detection_order(scores_by_class, labels):
 
 
 def meta_clean(meta):
-    return {k: ([float(t) for t in v.tolist()] if isinstance(v, np.ndarray) else v) for k, v in meta.items()}
+    """An image meta with numpy values made plain (lists / floats), so that the records load with
+    ``torch.load(weights_only=True)``."""
+    return {k: plain(v) for k, v in meta.items()}
 
 
 # ----------------------------------------------------------------- the tiny config
@@ -480,8 +482,20 @@ def run_eval():
     model._mask_forward = original_forward
     model.mask_iou_head.forward = original_iou
     model.mask_head.get_seg_masks = original_paste
+    # the paste on its own, with logits large enough to fill the boxes (the tiny random model's masks are mostly
+    # below the threshold): the reference's get_seg_masks for image 0's detections
+    gen_paste = torch.Generator().manual_seed(S["seed_images"] + 1)
+    bboxes0, labels0 = results[0]
+    size = cfg.model.mask_head.stage_sup_size[-1]
+    logits = torch.randn(len(bboxes0), 1, size, size, generator=gen_paste) * 3 + 1
+    scale = metas[0]["scale_factor"]
+    input_boxes = bboxes0[:, :4] * torch.from_numpy(scale)
+    pasted = model.mask_head.get_seg_masks(logits, input_boxes, labels0, model.rcnn_test_cfg, metas[0]["ori_shape"],
+                                           scale, True)
+    paste_check = dict(logits=logits, input_boxes=input_boxes, scale_factor=torch.from_numpy(scale.copy()),
+                       masks=pack_masks(pasted, metas[0]["ori_shape"][:2]))
     return dict(per_image=per_image, enc_outs=det(list(enc_outs)), all_cls_scores=det(outs[0]),
-                all_bbox_preds=det(outs[1]), img_metas_used=[meta_clean(m) for m in metas])
+                all_bbox_preds=det(outs[1]), img_metas_used=[meta_clean(m) for m in metas], paste_check=paste_check)
 
 
 EVAL = run_eval()

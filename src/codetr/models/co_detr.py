@@ -52,6 +52,9 @@ class CoDETR(nn.Module):
     ``postprocessor`` decodes the main head's last layer at inference (:class:`PostProcessor`, also used by the
     export in its deploy mode); None keeps the query head's own decoding settings.
 
+    ``pad_size_divisor``: the data pipeline's per-image padding divisor; the dense auxiliary heads train the anchors
+    of each image's padded region (the reference's ``pad_shape``), e.g. 32 for the ViT-L recipes, 1 otherwise.
+
     ``eval_module`` picks what answers at inference, as the reference's ``eval_module``: ``"detr"`` (default: the
     query head alone, NMS-free), ``"one-stage"`` (ATSS head ``bbox_head[eval_index]`` on the auxiliary pyramid,
     per-class NMS) or ``"two-stage"`` (RPN proposals -> ``roi_head[eval_index]``, per-class NMS). The last two
@@ -74,6 +77,7 @@ class CoDETR(nn.Module):
         eval_module: str = "detr",
         eval_index: int = 0,
         mask_branch: MaskBranch | None = None,
+        pad_size_divisor: int = 1,
     ):
         super().__init__()
         self.backbone, self.neck, self.query_head = backbone, neck, query_head
@@ -87,6 +91,7 @@ class CoDETR(nn.Module):
         if mask_branch is not None and postprocessor is None:
             raise ValueError("a mask branch needs the detector's postprocessor (it masks the decoded detections)")
         self.mask_branch = mask_branch
+        self.pad_size_divisor = int(pad_size_divisor)
         self.eval_index = eval_index
         self.eval_module = eval_module
         transformer = query_head.transformer
@@ -108,6 +113,13 @@ class CoDETR(nn.Module):
             raise ValueError(f"eval_module={value!r} evaluates {kind}[{self.eval_index}], but this detector has "
                              f"{len(heads)} such head(s) (plain DINO / Deformable-DETR build none)")
         self._eval_module = value
+
+    def padded_sizes(self, image_sizes: Tensor, feats: list[Tensor]) -> Tensor:
+        """``(B, 2)`` each image's size rounded up to ``pad_size_divisor`` (the reference's ``pad_shape``)."""
+        if self.pad_size_divisor <= 1:
+            return image_sizes
+        d = self.pad_size_divisor
+        return (image_sizes + d - 1) // d * d
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
         return list(self.neck(self.backbone(images)))
@@ -160,7 +172,8 @@ class CoDETR(nn.Module):
         positives = []
         if self.rpn_head is not None:
             agnostic = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])} for t in targets]
-            rpn_losses, proposals = self.rpn_head.loss_and_proposals(pyramid, image_sizes, agnostic)
+            rpn_losses, proposals = self.rpn_head.loss_and_proposals(pyramid, image_sizes, agnostic,
+                                                                     self.padded_sizes(image_sizes, feats))
             losses.update(rpn_losses)
         if self.mask_branch is not None:  # after the RPN's sampling, before the RoI heads': the reference's order
             losses.update(self.mask_branch.loss(pyramid, query.logits, query.boxes, image_sizes, targets))
@@ -170,7 +183,7 @@ class CoDETR(nn.Module):
                 losses.update(_suffixed(roi_losses, index))
                 positives.append(found)
         for index, head in enumerate(self.bbox_head):
-            head_losses, found = head.loss(pyramid, image_sizes, targets)
+            head_losses, found = head.loss(pyramid, image_sizes, targets, self.padded_sizes(image_sizes, feats))
             losses.update(_suffixed(head_losses, index + len(self.roi_head)))
             positives.append(found)
         if self.use_positive_queries:

@@ -191,14 +191,15 @@ class ATSSHead(nn.Module):
         )
 
     def loss(
-        self, feats: Sequence[Tensor], image_sizes: Tensor, targets: list[dict[str, Tensor]]
+        self, feats: Sequence[Tensor], image_sizes: Tensor, targets: list[dict[str, Tensor]],
+        valid_sizes: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], PositiveSet]:
         """Losses ``{'loss_cls', 'loss_bbox', 'loss_centerness'}`` (summed over levels) and all anchors as a
         ``PositiveSet``. feats: 6 levels ``(B, C, H_l, W_l)``; targets: ``boxes`` (G, 4) xyxy, ``labels`` (G,)."""
         logits, deltas, centerness = self.forward(feats)
         device = logits[0].device
         anchors, labels, box_targets, weights = self.targets(
-            [f.shape[-2:] for f in feats], image_sizes, targets, device
+            [f.shape[-2:] for f in feats], image_sizes if valid_sizes is None else valid_sizes, targets, device
         )
         logits = torch.cat(logits, dim=1).float()
         deltas = torch.cat(deltas, dim=1).float()

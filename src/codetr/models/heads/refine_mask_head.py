@@ -17,19 +17,21 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from codetr.models.layer_norm import ChannelLayerNorm
+
 
 class ConvNormReLU(nn.Module):
-    """3x3 conv (no bias) -> channel LayerNorm (eps 1e-6) -> ReLU; mmcv ``ConvModule`` with ``LN2d`` (keys ``conv``,
-    ``norm_layer``)."""
+    """3x3 conv (no bias) -> channel LayerNorm -> ReLU; mmcv ``ConvModule`` with ``LN2d`` (keys ``conv``,
+    ``norm_layer``). eps 1e-5: mmcv's ``build_norm_layer`` sets it for every norm it builds (``LN2d``'s own default,
+    1e-6, never applies there)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm_layer = LayerNorm2d(out_channels, eps=1e-6)
+        self.norm_layer = ChannelLayerNorm(out_channels, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm_layer(self.conv(x)))

@@ -122,15 +122,19 @@ class RPNHead(nn.Module):
         return logits, deltas
 
     def loss_and_proposals(
-        self, feats: Sequence[Tensor], image_sizes: Tensor, targets: list[dict[str, Tensor]]
+        self, feats: Sequence[Tensor], image_sizes: Tensor, targets: list[dict[str, Tensor]],
+        valid_sizes: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Losses ``{'loss_rpn_cls', 'loss_rpn_bbox'}`` (summed over levels) and per image detached proposals
         ``(N_i <= train_max_per_img, 4)`` xyxy clipped to ``image_sizes`` (B, 2) (h, w).
 
         targets: per image ``boxes`` (G, 4) xyxy and ``labels`` (G,) (all 0: class-agnostic).
+        valid_sizes: ``(B, 2)`` region whose anchors train (the reference's per-image ``pad_shape``: the image
+            padded to the pipeline's size divisor); None = ``image_sizes``.
         """
         logits, deltas = self.forward(feats)
-        losses = self.loss(logits, deltas, [f.shape[-2:] for f in feats], image_sizes, targets)
+        losses = self.loss(logits, deltas, [f.shape[-2:] for f in feats],
+                           image_sizes if valid_sizes is None else valid_sizes, targets)
         with torch.no_grad():
             proposals = self.proposals(
                 logits,
