@@ -345,7 +345,8 @@ for i, spec in enumerate(SPECS):
                   ori_filename=f"synthetic_{i}.png", ori_shape=(spec["ori"][0], spec["ori"][1], 3),
                   img_shape=(h, w, 3), scale_factor=np.array([spec["s"]] * 4, dtype=np.float32), keep_ratio=True,
                   flip=False, flip_direction=None, gt_bboxes=np.array(boxes, dtype=np.float32),
-                  gt_labels=np.array(spec["labels"], dtype=np.int64), bbox_fields=["gt_bboxes"],
+                  gt_labels=np.array([lab % S["num_classes"] for lab in spec["labels"]], dtype=np.int64),
+                  bbox_fields=["gt_bboxes"],
                   gt_masks=BitmapMasks(np.stack(bitmaps), h, w), mask_fields=["gt_masks"])
     for step in pipe:
         record = step(record)
