@@ -113,6 +113,7 @@ class CocoDataModule(pl.LightningDataModule):
         num_classes: int | None = None,
         max_image_pixels: int | None = None,
         max_boxes_per_image: int | None = None,
+        with_masks: bool = False,
     ):
         super().__init__()
         self.paths = {"train": (train_images, train_annotations), "val": (val_images, val_annotations),
@@ -126,6 +127,7 @@ class CocoDataModule(pl.LightningDataModule):
         self.min_size, self.seed, self.lvis, self.max_detections = min_size, seed, lvis, max_detections
         self.expected_num_classes, self.max_image_pixels = num_classes, max_image_pixels
         self.max_boxes_per_image = max_boxes_per_image
+        self.with_masks = with_masks  # instance masks in the training targets (a detector with a mask branch)
         self.datasets: dict[str, Dataset] = {}
         self.size_divisor = int(self.aug.get("size_divisor", 1))
 
@@ -149,7 +151,8 @@ class CocoDataModule(pl.LightningDataModule):
         if train and lsj and self.aug.get("copy_paste", False):
             mix = CopyPaste(int(self.aug.get("copy_paste_max", 100)), float(self.aug.get("copy_paste_box_shift", 10)),
                             int(self.aug.get("copy_paste_min_area", 300)))
-        dataset = CocoDetection(images, annotations, build_pipeline(self.aug, train), with_masks=train and lsj,
+        dataset = CocoDetection(images, annotations, build_pipeline(self.aug, train),
+                                with_masks=train and (lsj or self.with_masks),
                                 mix=mix, min_size=self.min_size, max_image_pixels=self.max_image_pixels,
                                 max_boxes_per_image=self.max_boxes_per_image if train else None,
                                 for_evaluation=not train)
@@ -231,7 +234,8 @@ class CocoDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=ResumableSampler(dataset, shuffle=True, seed=self.seed),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers, collate_fn=partial(collate, size_divisor=self.size_divisor),
+            persistent_workers=self.persistent_workers,
+            collate_fn=partial(collate, size_divisor=self.size_divisor, with_masks=self.with_masks),
             drop_last=False, generator=torch.Generator().manual_seed(self.seed),
             worker_init_fn=ignore_interrupts_in_worker,
         )

@@ -13,6 +13,11 @@
 ``${codetr.stage_widths:<base>,<stages>}`` -- ``[base * 2**s for s in stages]``: the channels of the chosen stages of
     a backbone whose width doubles per stage (Swin: ``base`` = ``embed_dims``), so a neck's ``in_channels`` follow
     the backbone's ``out_indices`` (Co-DINO: stages 0-3; Co-Deformable-DETR Swin recipes: 1-3).
+``${codetr.present:<node>}`` -- whether a config node is set (not null), e.g. masks in the data when the detector has
+    a mask branch.
+``${codetr.first:<list>}`` -- its first element (the mask RoI size = the first mask stage's size).
+``${codetr.stage_classes:<K>,<stage_sizes>}`` -- ``[K, ..., K, 1]``, one entry per mask stage: per-class stages with
+    a class-agnostic last one, as every Co-DINO-Inst config.
 """
 
 from __future__ import annotations
@@ -103,12 +108,26 @@ def _as_config(function):
     return wrapped
 
 
+def present(node: Any) -> bool:
+    return node is not None
+
+
+def first(values: Any) -> Any:
+    return _plain(values)[0]
+
+
+def stage_classes(num_classes: Any, stage_sizes: Any) -> list[int]:
+    return [int(num_classes)] * (len(_plain(stage_sizes)) - 1) + [1]
+
+
 def register_resolvers() -> None:
     """Register the ``codetr.*`` resolvers (safe to call repeatedly)."""
     for name, function in (("codetr.milestones", milestones_for), ("codetr.lookup", lookup),
                            ("codetr.sweep_group", sweep_group), ("codetr.run_name", run_name),
                            ("codetr.mul", mul), ("codetr.div", div), ("codetr.stage_widths", stage_widths),
-                           ("codetr.positive_query_branches", positive_query_branches)):
+                           ("codetr.positive_query_branches", positive_query_branches), ("codetr.first", first),
+                           ("codetr.present", present),
+                           ("codetr.stage_classes", stage_classes)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _as_config(function))
 
