@@ -24,6 +24,7 @@ from codetr.data.collate import normalize_images
 from codetr.inference.description import ModelDescription, describe_recipe, read_description
 from codetr.inference.inputs import ImageLike, is_single_image, prepare_batch, resize_pipeline, to_uint8_rgb
 from codetr.inference.tta import TTAConfig, merge_views, unflip
+from codetr.models.mask_ops import paste_masks
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,13 +33,20 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Detections:
     """One image's detections: ``boxes`` ``(N, 4)`` float32 xyxy in original image pixels, ``scores`` ``(N,)``
     descending, ``labels`` ``(N,)`` int64 contiguous class indices, ``names`` their class names (or the index as
-    text when the model has no names); ``image_size`` ``(h, w)`` of the original image."""
+    text when the model has no names); ``image_size`` ``(h, w)`` of the original image.
+
+    Instance-segmentation models also give ``masks`` ``(N, h, w)`` bool at the original image size (or, with
+    ``mask_format="rle"``, ``rles``: COCO compressed RLE dicts with ``size`` and ``counts``) and ``mask_scores``
+    ``(N,)``: the box score times the predicted mask IoU, what segmentation AP ranks by."""
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     names: list[str]
     image_size: tuple[int, int]
+    masks: Tensor | None = None
+    mask_scores: Tensor | None = None
+    rles: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -46,11 +54,37 @@ class Detections:
     def above(self, score_threshold: float) -> Detections:
         keep = self.scores >= score_threshold
         names = [n for n, k in zip(self.names, keep.tolist()) if k]
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], names, self.image_size)
+        rles = [r for r, k in zip(self.rles, keep.tolist()) if k] if self.rles is not None else None
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], names, self.image_size,
+                          self.masks[keep] if self.masks is not None else None,
+                          self.mask_scores[keep] if self.mask_scores is not None else None, rles)
+
+    def as_rle(self) -> Detections:
+        """The same detections with the masks as compressed RLE (``rles``) instead of bitmaps."""
+        if self.masks is None:
+            return self
+        return Detections(self.boxes, self.scores, self.labels, self.names, self.image_size, None, self.mask_scores,
+                          encode_masks(self.masks))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"boxes": self.boxes.tolist(), "scores": self.scores.tolist(), "labels": self.labels.tolist(),
-                "names": list(self.names), "image_size": list(self.image_size)}
+        out = {"boxes": self.boxes.tolist(), "scores": self.scores.tolist(), "labels": self.labels.tolist(),
+               "names": list(self.names), "image_size": list(self.image_size)}
+        if self.masks is not None or self.rles is not None:
+            out["masks"] = self.rles if self.rles is not None else encode_masks(self.masks)
+            out["mask_scores"] = self.mask_scores.tolist() if self.mask_scores is not None else out["scores"]
+        return out
+
+
+def encode_masks(masks: Tensor) -> list[dict]:
+    """``(N, H, W)`` bool -> COCO compressed RLE dicts (``counts`` as text), with pycocotools."""
+    import numpy as np
+    import pycocotools.mask as mask_utils
+
+    out = []
+    for mask in masks.cpu().numpy().astype(np.uint8):
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return out
 
 
 class Detector:
@@ -67,6 +101,8 @@ class Detector:
         self.pixel_mean = torch.tensor(description.pixel_mean, dtype=torch.float32, device=self.device)
         self.pixel_std = torch.tensor(description.pixel_std, dtype=torch.float32, device=self.device)
         self.size_divisor = int(description.test_transform.get("size_divisor", 1) or 1)
+        branch = getattr(self.model, "mask_branch", None)
+        self.mask_threshold = float(branch.mask_threshold) if branch is not None else 0.5
         self._pipelines: dict[float, Any] = {}
 
     # ------------------------------------------------------------------ building
@@ -127,9 +163,15 @@ class Detector:
         for det, (w_scale, h_scale), image in zip(found, batch.scale_factors.tolist(), images):
             # resized frame -> original pixels (padding lies bottom/right, so no offset is involved)
             boxes = det["boxes"].float().cpu() / torch.tensor([w_scale, h_scale, w_scale, h_scale])
+            entry = {"scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
+            if "mask_probs" in det:  # pasted in the view's frame, then mirrored back with the boxes
+                masks = paste_masks(det["mask_probs"].float().cpu(), boxes, *image.shape[-2:],
+                                    threshold=self.mask_threshold)
+                entry["masks"] = masks.flip(-1) if flipped else masks
+                entry["mask_scores"] = det["mask_scores"].float().cpu()
             if flipped:
                 boxes = unflip(boxes, image.shape[-1])
-            out.append({"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
+            out.append({"boxes": boxes, **entry})
         return out
 
     def detect(self, images: Sequence[Tensor], tta: TTAConfig | None = None,
@@ -137,11 +179,14 @@ class Detector:
         """:meth:`detect_view` at the test size, or every TTA view merged (:mod:`codetr.inference.tta`)."""
         if tta is None:
             return self.detect_view(images, precision=precision)
+        if getattr(self.model, "mask_branch", None) is not None:
+            raise ValueError("test-time augmentation merges boxes only; this model predicts masks: run it without tta")
         per_view = [self.detect_view(images, scale, flipped, precision) for scale, flipped in tta.views()]
         return [merge_views([view[i] for view in per_view], tta) for i in range(len(images))]
 
     def predict(self, images: ImageLike | Sequence[ImageLike], score_threshold: float = 0.0, batch_size: int = 1,
-                tta: TTAConfig | None = None, precision: str | None = None) -> Detections | list[Detections]:
+                tta: TTAConfig | None = None, precision: str | None = None,
+                mask_format: str = "bitmap") -> Detections | list[Detections]:
         """Detections of one image (-> :class:`Detections`) or of a sequence (-> a list, same order).
 
         Args:
@@ -150,9 +195,13 @@ class Detector:
             batch_size: images per forward pass (padded to the largest of them).
             tta: test-time augmentation (default: the detector's ``tta``, normally none).
             precision: ``bf16`` / ``fp16`` autocast (GPU), or None / ``fp32``.
+            mask_format: instance-segmentation models: ``bitmap`` (``Detections.masks``, bool at the original
+                size) or ``rle`` (``Detections.rles``, COCO compressed RLE).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mask_format not in ("bitmap", "rle"):
+            raise ValueError(f"mask_format must be bitmap or rle, got {mask_format!r}")
         single = is_single_image(images)
         items = [images] if single else list(images)
         tta = tta if tta is not None else self.tta
@@ -162,8 +211,9 @@ class Detector:
             for image, det in zip(chunk, self.detect(chunk, tta, precision)):
                 labels = det["labels"].long()
                 found = Detections(det["boxes"], det["scores"], labels, [self.name_of(k) for k in labels.tolist()],
-                                   tuple(image.shape[-2:]))
-                results.append(found.above(score_threshold))
+                                   tuple(image.shape[-2:]), det.get("masks"), det.get("mask_scores"))
+                found = found.above(score_threshold)
+                results.append(found.as_rle() if mask_format == "rle" else found)
         return results[0] if single else results
 
     def export(self, path: str | Path, format: str = "onnx", **options: Any) -> Path:
