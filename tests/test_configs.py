@@ -21,7 +21,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 REFERENCE_ROWS = {
     "co_dino_r50_lsj_1x", "co_dino_r50_detr_1x", "co_dino_r50_lsj_3x", "co_dino_swin_l_detr_1x",
     "co_dino_swin_l_lsj_1x", "co_dino_swin_l_detr_3x", "co_dino_swin_l_lsj_3x", "co_dino_swin_l_o365_to_coco_16e",
-    "co_deformable_detr_r50_1x", "demo", *(f"co_deformable_detr_{n}" for n in (
+    "co_deformable_detr_r50_1x", "demo", "co_dino_inst_vit_l_coco", "co_dino_inst_vit_l_lvis",
+    *(f"co_deformable_detr_{n}" for n in (
         "swin_t_1x", "swin_t_3x", "swin_s_1x", "swin_s_3x", "swin_b_1x", "swin_b_3x", "swin_l_1x", "swin_l_900q_3x")),
 }
 # Co-Deformable-DETR Swin recipes (Sense-X configs): name -> (backbone, embed dims, epochs, LR step, drop path,

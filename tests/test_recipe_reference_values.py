@@ -28,6 +28,8 @@ REFERENCE = {
                                         900),
     "co_dino_vit_l_coco": ("co_dino_vit/co_dino_5scale_vit_large_coco.py", 6, None, 1, 0.4, 1500),
     "co_dino_vit_l_lvis": ("co_dino_vit/co_dino_5scale_lsj_vit_large_lvis.py", 6, 1536, 1, 0.3, 900),
+    "co_dino_inst_vit_l_coco": ("co_dino_vit/co_dino_5scale_vit_large_coco_instance.py", 6, None, 1, 0.4, 1500),
+    "co_dino_inst_vit_l_lvis": ("co_dino_vit/co_dino_5scale_lsj_vit_large_lvis_instance.py", 6, 1536, 1, 0.3, 900),
     "co_deformable_detr_r50_1x": ("co_deformable_detr/co_deformable_detr_r50_1x_coco.py", 0, None, 2, None, 300),
     "co_deformable_detr_swin_t_1x": ("co_deformable_detr/co_deformable_detr_swin_tiny_1x_coco.py", 0, None, 2, 0.2,
                                      300),

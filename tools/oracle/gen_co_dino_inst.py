@@ -66,6 +66,9 @@ SETTINGS = dict(
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--set", action="append", default=[], help="key=value (JSON value) overriding SETTINGS")
+ap.add_argument("--full-keys", action="store_true",
+                help="also write the state-dict key list of the full-size official ViT-L COCO / LVIS instance models "
+                     "(vit_l_{coco,lvis}_instance_keys.json; builds them on the CPU, ~2 min, ~4 GB)")
 args = ap.parse_args()
 for item in args.set:
     key, value = item.split("=", 1)
@@ -599,4 +602,17 @@ def sha(path):
 files = ["tiny_config.json", "tiny_state_dict.pth", "tiny_inputs.pth", "tiny_outputs.pth", "tiny_segmentations.json",
          "tiny_losses_summary.json"]
 json.dump({f: sha(os.path.join(OUT, f)) for f in files}, open(os.path.join(OUT, "sha256.json"), "w"), indent=1)
+if args.full_keys:
+    LVIS = os.path.join(CODETR, "projects/configs/co_dino_vit/co_dino_5scale_lsj_vit_large_lvis_instance.py")
+    for name, path in (("coco", CONFIG), ("lvis", LVIS)):
+        full = Config.fromfile(path)
+        full.model.backbone.use_act_checkpoint = False
+        torch.manual_seed(0)
+        big = build_detector(full.model)
+        state = big.state_dict()
+        json.dump(dict(config=os.path.relpath(path, CODETR),
+                       state_dict=[[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in state.items()],
+                       num_entries=len(state), num_params=sum(p.numel() for p in big.parameters())),
+                  open(os.path.join(OUT, f"vit_l_{name}_instance_keys.json"), "w"), indent=0)
+        del big, state
 print("DONE", json.dumps(summary["train_det"]["log_vars"]))

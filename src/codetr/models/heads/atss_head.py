@@ -8,6 +8,7 @@ of every image (un-subsampled, zero boxes where invalid) are handed to the posit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,7 +142,7 @@ class ATSSHead(nn.Module):
                 nn.init.normal_(module.weight, std=init_std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.constant_(self.atss_cls.bias, -torch.log(torch.tensor((1 - prior_prob) / prior_prob)).item())
+        nn.init.constant_(self.atss_cls.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per level: logits ``(B, H*W*A, K)``, deltas ``(B, H*W*A, 4)``, centerness logits ``(B, H*W*A)``."""
