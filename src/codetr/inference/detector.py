@@ -11,6 +11,7 @@ recipe's test pipeline and normalised as in evaluation; the main head runs alone
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,48 @@ class Detector:
         load_detector_weights(model, checkpoint, prefer_ema=prefer_ema, strict_classes=True, source=str(path))
         return cls(model, description, device=device, tta=tta, eval_module=eval_module)
 
+    @classmethod
+    def from_pretrained(cls, name: str | Path, recipe: str | None = None, device: str | torch.device = "cpu", *,
+                        overrides: Sequence[str] = (), weights_dir: str | Path | None = None,
+                        cache_dir: str | Path | None = None, class_names: Sequence[str] | None = None,
+                        eval_module: str | None = None) -> Detector:
+        """A published model: a hub id of :data:`codetr.inference.pretrained_models.OFFICIAL_MODELS` (e.g.
+        ``"zongzhuofan/co-detr-vit-large-coco-instance"``: recipe known), ``hf://<owner>/<repo>/<file>`` or a local
+        official / codetr checkpoint (``recipe=`` names the codetr recipe it was trained with).
+
+        The file is looked for in ``weights_dir``, ``$TORCH_HOME/hub/checkpoints`` and the Hugging Face cache, then
+        downloaded; it is converted once (:mod:`codetr.convert`) into ``cache_dir`` (default
+        ``$CODETR_CACHE/converted``, ``~/.cache/codetr``), which later calls load directly. Offline without the file:
+        ``FileNotFoundError`` naming the file, its address and where to put it.
+        """
+        from codetr.convert import convert_file
+        from codetr.inference import pretrained_models as published
+        from codetr.models.backbones.pretrained import PretrainedWeightsUnavailable, resolve_weights
+
+        model = published.lookup(name, recipe)
+        # the published files share one name (pytorch_model.pth): a weights_dir holds each under its repository's name
+        weights_dir = published.local_folder(model.source, weights_dir)
+        try:
+            path = resolve_weights(model.source, weights_dir)
+        except PretrainedWeightsUnavailable as error:
+            raise FileNotFoundError(_unavailable_message(model.source, weights_dir)) from error
+        checkpoint = load_weights_file(path)
+        if model.recipe is None:
+            if "codetr_model" not in checkpoint:
+                raise ValueError(f"{path}: name the recipe the checkpoint was trained with: "
+                                 "Detector.from_pretrained(..., recipe='<experiment>')")
+            return cls.from_checkpoint(path, device, class_names=class_names, eval_module=eval_module)
+        root = Path(cache_dir) if cache_dir is not None else None
+        converted = published.converted_path(path, model.recipe, tuple(overrides), root)
+        if not converted.is_file():
+            description = describe_recipe(model.recipe, overrides)
+            temporary = converted.with_suffix(".partial")
+            expected = {k: v.shape for k, v in build_model(description).state_dict().items()}
+            convert_file(path, temporary, num_classes=description.num_classes, expected=expected,
+                         description=description.to_dict())
+            os.replace(temporary, converted)
+        return cls.from_checkpoint(converted, device, class_names=class_names, eval_module=eval_module)
+
     @property
     def class_names(self) -> list[str] | None:
         return self.description.class_names
@@ -221,6 +264,20 @@ class Detector:
         from codetr.inference.export import export_detector
 
         return export_detector(self, path, format, **options)
+
+
+def _unavailable_message(source: str, weights_dir: str | Path | None) -> str:
+    from codetr.models.backbones.pretrained import parse_source
+
+    parsed = parse_source(source)
+    filename = parsed.filename if parsed is not None else Path(source).name
+    repo = parsed.hf_repo if parsed is not None else None
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    places = ([str(Path(weights_dir) / filename)] if weights_dir else []) + [str(torch_home / filename)]
+    address = f"https://huggingface.co/{repo}/resolve/main/{parsed.hf_file}" if repo else source
+    return (f"{source} is not available: {filename} was found in none of {', '.join(places)} or the Hugging Face "
+            f"cache, and it could not be downloaded (offline?). Download {address} on a machine with network and put "
+            f"it at {places[0]} (or pass its path: Detector.from_pretrained('/path/to/{filename}', recipe=...)).")
 
 
 def build_model(description: ModelDescription) -> nn.Module:
