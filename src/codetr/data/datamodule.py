@@ -262,4 +262,5 @@ class CocoDataModule(pl.LightningDataModule):
             self.datasets[split] = self._dataset(split)  # checks the file once (categories, evaluation ids)
         dataset = self.datasets[split]
         lvis = dataset.lvis_format if self.lvis is None else self.lvis
-        return CocoEvaluator(annotations, dataset.category_ids, lvis=lvis, max_detections=self.max_detections)
+        return CocoEvaluator(annotations, dataset.category_ids, lvis=lvis, max_detections=self.max_detections,
+                             segm=self.with_masks)

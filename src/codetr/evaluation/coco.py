@@ -1,5 +1,10 @@
-"""COCO and LVIS box AP as a ``torchmetrics.Metric``: faster-coco-eval inside (numbers identical to
-pycocotools / the LVIS API), state kept and synchronised across DDP ranks by torchmetrics.
+"""COCO and LVIS box AP (and, with ``segm``, mask AP) as a ``torchmetrics.Metric``: faster-coco-eval inside (numbers
+identical to pycocotools / the LVIS API), state kept and synchronised across DDP ranks by torchmetrics.
+
+Mask AP: detections carry ``masks`` (COCO RLE dicts at the original image size, encoded on the rank that made them:
+:func:`codetr.utils.rle.paste_and_encode`) and ``mask_scores`` (the ranking score of segmentation results); the RLE
+bytes travel as flat tensors (:mod:`codetr.utils.rle`). Its metrics are the box ones prefixed ``segm_``
+(``segm_AP``, ``segm_AP50``, ... ``segm_AR@100``); the box keys are unchanged.
 
 Detections come in the original image frame (``xyxy`` pixels) with contiguous labels; they are converted to
 COCO results (``xywh``, category ids) and evaluated against the original annotation file. Lightning's
@@ -33,6 +38,7 @@ from codetr.evaluation.summary import (
     evaluation_details,
     recall_metrics,
 )
+from codetr.utils.rle import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,7 @@ class CocoEvaluator(Metric):
         category_ids: Sequence[int] | None = None,
         lvis: bool = False,
         max_detections: int | None = None,
+        segm: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -127,10 +134,16 @@ class CocoEvaluator(Metric):
         self.lvis = lvis
         self.max_detections = max_detections or (300 if lvis else 100)
         self._category_ids = list(category_ids) if category_ids is not None else None
-        for name in ("sample_keys", "sample_ids", "det_keys", "det_labels", "det_boxes", "det_scores"):
+        self.segm = segm
+        states = ["sample_keys", "sample_ids", "det_keys", "det_labels", "det_boxes", "det_scores"]
+        if segm:
+            states += ["seg_keys", "seg_labels", "seg_scores", "seg_bytes", "seg_lengths", "seg_sizes"]
+        for name in states:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.results: list[dict[str, Any]] = []
+        self.segm_results: list[dict[str, Any]] = []
         self.details = EvaluationDetails()
+        self.segm_details = EvaluationDetails()
 
     def category_ids(self, gt: COCO) -> list[int]:
         return self._category_ids or sorted(gt.getCatIds())
@@ -162,6 +175,31 @@ class CocoEvaluator(Metric):
         self.det_labels.append(
             torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
         )
+        if self.segm:
+            self._update_masks(keys.tolist(), detections)
+
+    def _update_masks(self, keys: list[int], detections: Sequence[dict[str, Tensor]]) -> None:
+        """The ``max_detections`` best masks of each image by mask score, their RLE packed into tensors."""
+        seg_keys, labels, scores, rles = [], [], [], []
+        for key, det in zip(keys, detections):
+            if "masks" not in det:
+                raise ValueError("mask AP needs detections with 'masks' (RLE) and 'mask_scores'")
+            mask_scores = det.get("mask_scores", det["scores"]).float()
+            order = mask_scores.argsort(descending=True)[: self.max_detections].tolist()
+            seg_keys.append(torch.full((len(order),), key, dtype=torch.long))
+            labels.append(det["labels"][order].long())
+            scores.append(mask_scores[order])
+            rles.extend(det["masks"][i] for i in order)
+        data, lengths, sizes = pack(rles)
+        device = self.device
+        self.seg_keys.append(torch.cat(seg_keys).to(device) if seg_keys else torch.zeros(0, dtype=torch.long,
+                                                                                          device=device))
+        self.seg_labels.append(torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long,
+                                                                                      device=device))
+        self.seg_scores.append(torch.cat(scores).to(device) if scores else torch.zeros(0, device=device))
+        self.seg_bytes.append(data.to(device))
+        self.seg_lengths.append(lengths.to(device))
+        self.seg_sizes.append(sizes.reshape(-1).to(device))
 
     def _unique_detections(self) -> tuple[list[int], Tensor, Tensor, Tensor, Tensor]:
         """Image ids seen (sorted) and the detections of each image's first copy: ``image_ids, (N, 4) xyxy
@@ -186,6 +224,28 @@ class CocoEvaluator(Metric):
         scores = dim_zero_cat(self.det_scores).float().cpu()[keep]
         labels = dim_zero_cat(self.det_labels).long().cpu()[keep]
         return sorted(first), boxes, scores, labels, det_image_ids
+
+    def _first_copies(self) -> dict[int, int]:
+        """Sample key of the first copy of every image id seen (rank-major order)."""
+        keys, ids = dim_zero_cat(self.sample_keys).long().cpu(), dim_zero_cat(self.sample_ids).long().cpu()
+        first: dict[int, int] = {}
+        for key, image_id in sorted(zip(keys.tolist(), ids.tolist())):
+            first.setdefault(image_id, key)
+        return {key: image_id for image_id, key in first.items()}
+
+    def _unique_masks(self) -> tuple[list[int], Tensor, Tensor, list[dict]]:
+        """(image id, score, label, RLE) of every kept mask of each image's first copy."""
+        if len(self.sample_keys) == 0 or len(self.seg_keys) == 0:
+            return [], torch.zeros(0), torch.zeros(0, dtype=torch.long), []
+        key_to_image = self._first_copies()
+        seg_keys = dim_zero_cat(self.seg_keys).long().cpu()
+        rles = unpack(dim_zero_cat(self.seg_bytes).cpu(), dim_zero_cat(self.seg_lengths).long().cpu(),
+                      dim_zero_cat(self.seg_sizes).long().cpu().reshape(-1, 2))
+        keep = torch.isin(seg_keys, torch.tensor(sorted(key_to_image), dtype=torch.long))
+        rows = torch.nonzero(keep).view(-1).tolist()
+        image_ids = [key_to_image[k] for k in seg_keys[keep].tolist()]
+        return (image_ids, dim_zero_cat(self.seg_scores).float().cpu()[keep],
+                dim_zero_cat(self.seg_labels).long().cpu()[keep], [rles[i] for i in rows])
 
     def _load_gt(self) -> COCO:
         """The ground truth (``.json`` or gzipped), refused when annotation ids repeat: COCO indexes
@@ -231,17 +291,7 @@ class CocoEvaluator(Metric):
         if not self.results:
             log.warning("no detections to evaluate: AP = 0")
             return self._empty_metrics()
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(self.results)
-            evaluator = COCOeval_faster(
-                gt, dt, iouType="bbox", lvis_style=self.lvis, print_function=lambda *a: None
-            )
-            evaluator.params.imgIds = image_ids
-            if self.lvis:
-                evaluator.params.maxDets = [self.max_detections]
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
+        evaluator = self._run(gt, self.results, "bbox", image_ids)
         metrics = {AP_KEYS[k]: float(v) for k, v in evaluator.stats_as_dict.items() if k in AP_KEYS}
         metrics.update(recall_metrics(evaluator.eval["recall"], [int(m) for m in evaluator.params.maxDets]))
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt.loadCats(gt.getCatIds())}
@@ -251,12 +301,46 @@ class CocoEvaluator(Metric):
             if not a.get("iscrowd", 0)
         )
         self.details = evaluation_details(evaluator, names, num_gt)
+        if self.segm:
+            metrics.update(self._segm_metrics(gt, ids, image_ids, names, num_gt))
         return metrics
 
+    def _run(self, gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes([dict(r) for r in results])  # loadRes adds numpy fields to the entries it gets
+            evaluator = COCOeval_faster(gt, dt, iouType=iou_type, lvis_style=self.lvis, print_function=lambda *a: None)
+            evaluator.params.imgIds = image_ids
+            if self.lvis:
+                evaluator.params.maxDets = [self.max_detections]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return evaluator
+
+    def _segm_metrics(self, gt: COCO, ids: list[int], image_ids: list[int], names: dict[int, str],
+                      num_gt: Counter) -> dict[str, float]:
+        seg_images, scores, labels, rles = self._unique_masks()
+        self.segm_results = [
+            {"image_id": image_id, "segmentation": rle, "score": score, "category_id": int(ids[label])}
+            for image_id, rle, score, label in zip(seg_images, rles, scores.tolist(), labels.tolist())
+        ]
+        self.segm_details = EvaluationDetails()
+        if not self.segm_results:
+            return {f"segm_{k}": v for k, v in self._empty_metrics().items()}
+        evaluator = self._run(gt, self.segm_results, "segm", image_ids)
+        metrics = {AP_KEYS[k]: float(v) for k, v in evaluator.stats_as_dict.items() if k in AP_KEYS}
+        metrics.update(recall_metrics(evaluator.eval["recall"], [int(m) for m in evaluator.params.maxDets]))
+        self.segm_details = evaluation_details(evaluator, names, num_gt)
+        return {f"segm_{k}": v for k, v in metrics.items()}
+
     def write_results(self, path: str | Path) -> None:
-        """Writes :attr:`results` (after ``compute``) as a COCO results json (rank 0 only under DDP)."""
+        """Writes :attr:`results` (after ``compute``) as a COCO results json (rank 0 only under DDP); with mask AP
+        also ``<stem>_segm.json``, the segmentation results (RLE)."""
         if _rank_and_world()[0] == 0:
             Path(path).write_text(json.dumps(self.results))
+            if self.segm:
+                path = Path(path)
+                path.with_name(f"{path.stem}_segm{path.suffix}").write_text(json.dumps(self.segm_results))
 
 
 __all__ = ["COCO_METRICS", "LVIS_METRICS", "NO_OBJECTS", "CocoEvaluator"]

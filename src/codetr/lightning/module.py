@@ -53,6 +53,21 @@ def to_original_frame(detections: Sequence[dict[str, Tensor]], scale_factors: Te
     return out
 
 
+def with_rle_masks(detections: Sequence[dict[str, Tensor]], orig_sizes: Tensor, top: int,
+                   threshold: float) -> list[dict[str, Any]]:
+    """Original-frame detections with ``mask_probs`` -> the ``top`` best by mask score with their masks pasted at
+    the original image size and encoded as RLE (``masks``), on this rank; the probabilities are dropped."""
+    from codetr.utils.rle import paste_and_encode
+
+    out = []
+    for det, (height, width) in zip(detections, orig_sizes.tolist()):
+        order = det["mask_scores"].argsort(descending=True)[:top]
+        kept = {k: v[order] for k, v in det.items() if k != "mask_probs"}
+        kept["masks"] = paste_and_encode(det["mask_probs"][order], kept["boxes"], int(height), int(width), threshold)
+        out.append(kept)
+    return out
+
+
 class CoDETRModule(pl.LightningModule):
     """Training / evaluation / prediction of a :class:`codetr.models.co_detr.CoDETR`.
 
@@ -213,7 +228,11 @@ class CoDETRModule(pl.LightningModule):
         evaluator = self._evaluators.get(stage)
         if evaluator is not None:
             original = to_original_frame(detections, batch.scale_factors)
-            evaluator.update([int(i) for i in batch.image_ids], [{k: v.cpu() for k, v in d.items()} for d in original])
+            if getattr(evaluator, "segm", False):
+                original = with_rle_masks(original, batch.orig_sizes, evaluator.max_detections,
+                                          self.detector.mask_branch.mask_threshold)
+            evaluator.update([int(i) for i in batch.image_ids],
+                             [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in d.items()} for d in original])
         return detections
 
     def _eval_end(self, stage: str) -> dict[str, float]:
