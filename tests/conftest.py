@@ -55,10 +55,9 @@ def reference_kernels(request: pytest.FixtureRequest):
         yield
 
 
-@pytest.fixture()
-def compose_cfg(tmp_path: Path):
-    """``compose_cfg(config_name, overrides)`` -> composed ``DictConfig`` (hydra node included, HydraConfig set,
-    outputs under ``tmp_path``), ready for ``codetr.train.train``."""
+def compose_for(tmp_path: Path, config_name: str = "train", overrides: list[str] | None = None):
+    """The composed ``DictConfig`` of ``config_name`` with ``overrides`` (hydra node included, HydraConfig set,
+    outputs under ``tmp_path``), ready for ``codetr.train.train``; module-scoped fixtures call it directly."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -66,16 +65,24 @@ def compose_cfg(tmp_path: Path):
 
     import codetr.utils  # noqa: F401  (registers the resolvers)
 
+    GlobalHydra.instance().clear()
+    with initialize_config_module("codetr.conf", version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"paths.log_dir={tmp_path}", *(overrides or [])],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture()
+def compose_cfg(tmp_path: Path):
+    """``compose_cfg(config_name, overrides)`` -> :func:`compose_for` under this test's ``tmp_path``."""
+    from hydra.core.global_hydra import GlobalHydra
+
     def _compose(config_name: str = "train", overrides: list[str] | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_module("codetr.conf", version_base="1.3"):
-            cfg = compose(config_name, overrides=[f"paths.log_dir={tmp_path}", *(overrides or [])],
-                          return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_for(tmp_path, config_name, overrides)
 
     yield _compose
     GlobalHydra.instance().clear()

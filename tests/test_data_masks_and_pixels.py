@@ -121,3 +121,32 @@ def test_float_tiffs_without_a_clear_range_are_refused_by_name(tmp_path):
     Image.fromarray(values, mode="F").save(tmp_path / "signed.tif")
     with pytest.raises(UnsupportedPixelValuesError, match=r"signed.tif: pixel values range -1..1"):
         load_rgb(tmp_path / "signed.tif")
+
+
+def test_polygons_reaching_outside_the_image_are_clipped_to_it(tmp_path):
+    outside = [[-10, -10, 30, -10, 30, 30, -10, 30]]  # a 40 x 40 square, its top-left quarter outside
+    path = write_dataset(tmp_path, [outside])
+    sample = CocoDetection(tmp_path, path, with_masks=True)[0]
+    mask = sample["masks"].as_subclass(torch.Tensor)[0]
+    assert mask.shape == (48, 64)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    assert int(xs.min()) == 0 and int(ys.min()) == 0 and int(xs.max()) == 29 and int(ys.max()) == 29
+    assert int(mask.sum()) == 900
+
+
+def test_thousands_of_instances_with_masks_drop_the_image_from_training_by_name(tmp_path, caplog):
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "b.png")
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [i % 60, i % 40, 3, 3], "iscrowd": 0,
+             "segmentation": [[i % 60, i % 40, i % 60 + 3, i % 40, i % 60 + 3, i % 40 + 3]]} for i in range(2500)]
+    anns.append({"id": 9999, "image_id": 2, "category_id": 1, "bbox": [8, 8, 20, 16], "iscrowd": 0,
+                 "segmentation": GOOD_POLYGON})
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+                                           {"id": 2, "file_name": "b.png", "width": 64, "height": 48}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    with caplog.at_level(logging.WARNING):
+        ds = CocoDetection(tmp_path, path, with_masks=True, max_boxes_per_image=1000)
+    assert [image["file_name"] for image in ds.images] == ["b.png"]
+    assert "a.png (2500 boxes)" in caplog.text and "max_boxes_per_image" in caplog.text
+    assert ds[0]["masks"].shape == (1, 48, 64)

@@ -9,12 +9,16 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+from PIL import Image
 
 from codetr import Detector
 from codetr.convert import convert_state_dict
 from codetr.inference.description import describe_recipe
 from codetr.inference.detector import build_model
+from codetr.inference.tta import TTAConfig, fuse_masks, merge_views
 from codetr.models.mask_ops import paste_masks
+from codetr.predict import predict
+from codetr.visualize import PALETTE, draw_detections, draw_masks, mask_outlines
 
 TINY_INST = ["model=co_dino_inst", "model.mask_channels=16", "model.mask_fc_channels=32",
              "model.mask_stage_sizes=[8,16,32,64]", "aug.test_scale=96", "aug.test_max_size=160"]
@@ -111,3 +115,67 @@ def test_official_mask_keys_convert_onto_the_mask_branch(tiny_inst):
     converted = convert_state_dict(official)
     assert set(converted.state_dict) == {k for k in ours if k.startswith("mask_branch.")}
     assert all(torch.equal(converted.state_dict[k], ours[k]) for k in converted.state_dict)
+
+
+def test_flip_tta_merges_masks_with_their_boxes(tiny_inst):
+    model, description = tiny_inst
+    detector = Detector(model, description)
+    frame = image(90, 120, seed=5)
+    plain = detector.predict(frame, score_threshold=0.0)
+    merged = detector.predict(frame, score_threshold=0.0, tta=TTAConfig(scales=(1.0,), flip=True))
+    assert merged.masks.shape == (len(merged), 90, 120) and merged.mask_scores.shape == merged.scores.shape
+    # every merged mask lies within (one pixel of) its fused box: masks moved with their boxes through the flip
+    for mask, box in zip(merged.masks, merged.boxes):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(xs):
+            assert xs.min() >= box[0].floor() - 1 and xs.max() <= box[2].ceil() + 1
+            assert ys.min() >= box[1].floor() - 1 and ys.max() <= box[3].ceil() + 1
+    # one view merged with itself: the same boxes, masks and mask scores as without TTA
+    view = detector.detect_view([torch.from_numpy(frame).permute(2, 0, 1)])[0]
+    same = merge_views([view, view], TTAConfig(flip=False, min_score=0.0, max_per_image=len(plain)))
+    order = view["scores"].argsort(descending=True)
+    assert torch.equal(same["masks"], view["masks"][order])
+    torch.testing.assert_close(same["mask_scores"], view["mask_scores"][order])
+
+
+def test_mask_fusion_is_a_score_weighted_vote():
+    masks = torch.zeros(3, 4, 6, dtype=torch.bool)
+    masks[0, :, :3] = True  # strong member: left half
+    masks[1, :, 2:] = True  # weak member: right part
+    masks[2, 0, 0] = True  # another cluster
+    fused = fuse_masks(masks, torch.tensor([0.9, 0.3, 0.5]), torch.tensor([0, 0, 1]), 2)
+    assert torch.equal(fused[0], masks[0]) and torch.equal(fused[1], masks[2])
+    balanced = fuse_masks(masks[:2], torch.tensor([0.5, 0.5]), torch.tensor([0, 0]), 1)[0]
+    assert torch.equal(balanced, masks[0] | masks[1])  # half of the weight is enough
+
+
+def test_predict_cli_writes_rle_masks_and_draws_them(compose_cfg, tiny_inst, tmp_path):
+    model, description = tiny_inst
+    path = tmp_path / "inst.ckpt"
+    torch.save({"state_dict": {f"detector.{k}": v for k, v in model.state_dict().items()},
+                "codetr_model": description.to_dict()}, path)
+    Image.fromarray(image(90, 120, seed=7)).save(tmp_path / "a.png")
+    cfg = compose_cfg("predict", [f"ckpt_path={path}", f"input={tmp_path / 'a.png'}", "score_threshold=0.0",
+                                  f"output_dir={tmp_path / 'out'}", "data.root=/nonexistent"])
+    (record,) = predict(cfg)
+    assert len(record["masks"]) == len(record["scores"]) == len(record["mask_scores"]) > 0
+    decoded = np.stack([mask_utils.decode({"size": r["size"], "counts": r["counts"].encode()})
+                        for r in record["masks"]])
+    found = Detector(model, description).predict(image(90, 120, seed=7), score_threshold=0.0)
+    assert decoded.shape == (len(found), 90, 120) and np.array_equal(decoded.astype(bool), found.masks.numpy())
+    drawn = np.asarray(Image.open(tmp_path / "out" / "a.png.png"))
+    boxes_only = draw_detections(torch.from_numpy(image(90, 120, seed=7)).permute(2, 0, 1), found.boxes,
+                                 found.labels, found.scores, found.names, 0.0)
+    assert not np.array_equal(drawn, boxes_only.permute(1, 2, 0).numpy())  # the masks are drawn too
+
+
+def test_masks_are_drawn_as_a_translucent_fill_with_an_outline():
+    picture = torch.zeros(3, 20, 20, dtype=torch.uint8)
+    mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    mask[0, 5:15, 5:15] = True
+    drawn = draw_masks(picture, mask, torch.tensor([1]), alpha=0.5)
+    colour = torch.tensor(PALETTE[1], dtype=torch.uint8)
+    assert torch.equal(drawn[:, 5, 5], colour) and torch.equal(drawn[:, 14, 10], colour)  # the outline: solid
+    assert torch.equal(drawn[:, 10, 10], (colour.float() * 0.5).to(torch.uint8))  # the inside: translucent
+    assert torch.equal(drawn[:, 2, 2], torch.zeros(3, dtype=torch.uint8))  # outside: untouched
+    assert torch.equal(mask_outlines(mask)[0].sum(), torch.tensor(36))  # the 10 x 10 square's border ring

@@ -4,7 +4,9 @@ Builds the data and the detector from the config, loads the weights (Lightning o
 ``torch.load(weights_only=True)``), runs the split through the main head, prints the COCO / LVIS AP table and the
 per-class AP table (best first) and writes ``results.json`` (COCO result format: ``image_id``, ``category_id``,
 ``bbox`` xywh in original pixels, ``score``), ``metrics.json`` (the metrics, ``per_class`` AP and ``pr_curves``) and
-``pr_curves.png`` (precision-recall at IoU 0.50, 0.75 and averaged over 0.50:0.95, all classes).
+``pr_curves.png`` (precision-recall at IoU 0.50, 0.75 and averaged over 0.50:0.95, all classes). A model with a mask
+branch adds mask AP: ``segm_*`` metrics beside the box ones, ``segm_per_class`` / ``segm_pr_curves`` in
+``metrics.json``, ``results_segm.json`` (RLE segmentations) and ``pr_curves_segm.png``.
 
 With test-time augmentation (``tta=flip`` / ``tta=multiscale``, :mod:`codetr.inference.tta`) the split runs through
 :class:`codetr.inference.Detector` in this one process (no Lightning trainer, no DDP): every original image is
@@ -24,8 +26,9 @@ from omegaconf import DictConfig
 
 from codetr.checkpoint_io import load_detector_weights
 from codetr.evaluation.plots import plot_pr_curves
+from codetr.lightning.module import evaluation_outputs
 from codetr.train import build_datamodule, build_module, build_trainer, fetch_backbone_weights
-from codetr.utils import check_targets
+from codetr.utils import check_targets, rle
 from codetr.utils.logs import route_library_logs
 from codetr.utils.printing import print_metrics, print_per_class
 
@@ -55,11 +58,12 @@ def evaluate_with_tta(cfg: DictConfig, datamodule: Any, stage: str) -> dict[str,
         if samples:
             images = [s["image"].as_subclass(torch.Tensor) for s in samples]
             found = detector.detect(images, detector.tta, cfg.get("precision"))
+            if evaluator.segm:  # bitmaps at the original size -> RLE, as the evaluator keeps them
+                found = [{**det, "masks": [rle.encode(mask) for mask in det["masks"]]} for det in found]
             evaluator.update([s["image_id"] for s in samples], found)
     if unreadable:
         log.warning("%d unreadable images were not evaluated", unreadable)
-    metrics = evaluator.compute()
-    return {"metrics": metrics, "details": evaluator.details, "results": evaluator.results}
+    return evaluation_outputs(split, evaluator.compute(), evaluator)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -76,6 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule)
     load_detector_weights(module.detector, cfg.ckpt_path, prefer_ema=cfg.use_ema, strict_classes=True)
     module.detector.eval_module = cfg.get("eval_module") or "detr"
+    module.masks_from_boxes = bool(cfg.get("masks_from_boxes", False))
     trainer = build_trainer(cfg)
     if stage == "test":
         trainer.test(module, datamodule=datamodule)
@@ -89,18 +94,36 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def write_outputs(cfg: DictConfig, evaluation: dict[str, Any], split: str, title: str) -> None:
     """Prints the AP and per-class tables; writes the results json, the metrics json (with ``per_class`` and
-    ``pr_curves``) and the precision-recall image."""
-    metrics, details, results = evaluation["metrics"], evaluation["details"], evaluation["results"] or []
-    extra = details.to_dict() if details is not None and details.per_class else {}
-    for path, payload in ((cfg.results_file, results), (cfg.metrics_file, {**metrics, **extra})):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload))
-    if extra:
-        print_per_class(extra["per_class"], title=f"{split} per-class box AP ({title})")
-        plot_pr_curves(details, cfg.pr_curves_file, title=f"{split} precision-recall, all classes")
-        log.info("wrote the precision-recall curves to %s", cfg.pr_curves_file)
-    print_metrics(metrics, title=f"{split} box AP ({title})")
-    log.info("wrote %d detections to %s", len(results), cfg.results_file)
+    ``pr_curves``; mask AP: ``segm_per_class``, ``segm_pr_curves`` too) and the precision-recall image(s). Mask AP
+    adds ``<results stem>_segm.json`` (RLE segmentations) and ``<pr_curves stem>_segm.png``."""
+    metrics, results = evaluation["metrics"], evaluation["results"] or []
+    payload: dict[str, Any] = dict(metrics)
+    kinds = [("", "box", evaluation.get("details"), results)]
+    if evaluation.get("segm_results") is not None:
+        kinds.append(("segm_", "mask", evaluation["segm_details"], evaluation.get("segm_results") or []))
+    for prefix, what, details, found in kinds:
+        if details is None or not details.per_class:
+            continue
+        extra = details.to_dict()
+        payload.update({f"{prefix}{key}": value for key, value in extra.items()})
+        print_per_class(extra["per_class"], title=f"{split} per-class {what} AP ({title})")
+        curves = _with_suffix(cfg.pr_curves_file, prefix)
+        plot_pr_curves(details, curves, title=f"{split} {what} precision-recall, all classes")
+        log.info("wrote the %s precision-recall curves to %s", what, curves)
+    for prefix, _, _, found in kinds:
+        path = _with_suffix(cfg.results_file, prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found))
+        log.info("wrote %d %s to %s", len(found), "segmentations" if prefix else "detections", path)
+    Path(cfg.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.metrics_file).write_text(json.dumps(payload))
+    print_metrics(metrics, title=f"{split} {'box and mask' if len(kinds) > 1 else 'box'} AP ({title})")
+
+
+def _with_suffix(path: str | Path, prefix: str) -> Path:
+    """``results.json`` -> ``results_segm.json`` for the mask outputs (``prefix`` ``segm_``); unchanged for boxes."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_segm{path.suffix}") if prefix else path
 
 
 @hydra.main(version_base="1.3", config_path="pkg://codetr.conf", config_name="evaluate")

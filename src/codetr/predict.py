@@ -6,8 +6,9 @@ keeping every input's relative path and full name so that no two inputs share an
 
 * ``detections.json``: per image (per frame for videos: ``frame``) ``file``, ``image_size``, boxes xyxy in original
   pixels, scores, labels, names, for the detections at or above ``score_threshold`` (``json_all_detections``: all);
+  instance-segmentation models add ``masks`` (COCO compressed RLE at the original size) and ``mask_scores``;
 * with ``save_images``: ``<relative path>.png`` per image and ``<relative path>.mp4`` per video, boxes and labels
-  drawn at a size that follows the image;
+  drawn at a size that follows the image, masks as a translucent fill with an outline in the class colour;
 * ``skipped.json``: every input that was not processed, with the reason (unreadable, empty, not an image...).
 """
 
@@ -40,6 +41,11 @@ from codetr.visualize import draw_detections, save_png
 log = logging.getLogger(__name__)
 
 
+def floor(cfg: DictConfig) -> float:
+    """The lowest score anything is written or drawn for: below it no mask is pasted."""
+    return 0.0 if cfg.json_all_detections else float(cfg.score_threshold)
+
+
 def record(entry: Entry, found: Detections, cfg: DictConfig, frame: int | None = None) -> dict[str, Any]:
     kept = found if cfg.json_all_detections else found.above(cfg.score_threshold)
     out = {"file": str(entry.relative), **({"frame": frame} if frame is not None else {}), **kept.to_dict()}
@@ -47,7 +53,8 @@ def record(entry: Entry, found: Detections, cfg: DictConfig, frame: int | None =
 
 
 def drawn(image: Tensor, found: Detections, detector: Detector, cfg: DictConfig) -> Tensor:
-    return draw_detections(image, found.boxes, found.labels, found.scores, detector.class_names, cfg.score_threshold)
+    return draw_detections(image, found.boxes, found.labels, found.scores, detector.class_names, cfg.score_threshold,
+                           masks=found.masks)
 
 
 def run_images(entries: list[Entry], detector: Detector, cfg: DictConfig, progress: Progress,
@@ -59,7 +66,8 @@ def run_images(entries: list[Entry], detector: Detector, cfg: DictConfig, progre
         skipped.extend(image for _, image in loaded if isinstance(image, Skipped))
         good = [(entry, image) for entry, image in loaded if isinstance(image, Tensor)]
         if good:
-            results = detector.predict([image for _, image in good], batch_size=len(good), precision=cfg.precision)
+            results = detector.predict([image for _, image in good], score_threshold=floor(cfg),
+                                       batch_size=len(good), precision=cfg.precision)
             for (entry, image), found in zip(good, results):
                 records.append(record(entry, found, cfg))
                 if cfg.save_images:
@@ -77,7 +85,8 @@ def run_video(entry: Entry, detector: Detector, cfg: DictConfig, progress: Progr
 
     def flush() -> None:
         nonlocal frame_index
-        for image, found in zip(batch, detector.predict(batch, batch_size=len(batch), precision=cfg.precision)):
+        for image, found in zip(batch, detector.predict(batch, score_threshold=floor(cfg), batch_size=len(batch),
+                                                        precision=cfg.precision)):
             records.append(record(entry, found, cfg, frame_index))
             if writer is not None:
                 writer.write(drawn(image, found, detector, cfg))

@@ -159,7 +159,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     ap_metrics = {
         k: v for k, v in metrics.items()
-        if k.startswith(("val/", "test/")) and k.split("/", 1)[1].startswith(("AP", "AR"))
+        if k.startswith(("val/", "test/")) and k.split("/", 1)[1].removeprefix("segm_").startswith(("AP", "AR"))
     }
     if ap_metrics and trainer.is_global_zero:
         print_metrics(ap_metrics)

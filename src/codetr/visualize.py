@@ -43,11 +43,15 @@ def draw_detections(
     score_threshold: float = 0.3,
     width: int | None = None,
     font_size: int | None = None,
+    masks: Tensor | None = None,
+    mask_alpha: float = 0.45,
 ) -> Tensor:
-    """Boxes on a uint8 ``(3, H, W)`` image. ``boxes`` ``(N, 4)`` xyxy in that image's pixels, ``labels`` ``(N,)``
-    contiguous class indices, ``scores`` ``(N,)`` (detections below ``score_threshold`` are not drawn; ground truth
-    passes ``scores=None``). Each label ("name score") sits on a filled box of its class colour above the box (inside
-    it at the top edge); line width and font size scale with the image (:func:`line_and_font_size`) unless given.
+    """Boxes (and instance masks) on a uint8 ``(3, H, W)`` image. ``boxes`` ``(N, 4)`` xyxy in that image's pixels,
+    ``masks`` ``(N, H, W)`` bool (a translucent fill of ``mask_alpha`` and a solid outline in the class colour, under
+    the boxes), ``labels`` ``(N,)`` contiguous class indices, ``scores`` ``(N,)`` (detections below
+    ``score_threshold`` are not drawn; ground truth passes ``scores=None``). Each label ("name score") sits on a
+    filled box of its class colour above the box (inside it at the top edge); line width and font size scale with the
+    image (:func:`line_and_font_size`) unless given.
     Returns a new uint8 ``(3, H, W)`` tensor."""
     if image.dtype != torch.uint8:
         raise TypeError(f"draw_detections expects a uint8 image, got {image.dtype}")
@@ -62,6 +66,8 @@ def draw_detections(
     height, width_img = image.shape[-2:]
     auto_width, auto_font = line_and_font_size(height, width_img)
     width, font_size = width or auto_width, font_size or auto_font
+    if masks is not None:
+        image = draw_masks(image, masks.detach().cpu()[keep], labels, mask_alpha, max(1, width // 2))
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width_img - 1)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
     names = [class_names[k] if class_names is not None and k < len(class_names) else str(k) for k in labels.tolist()]
@@ -81,6 +87,30 @@ def draw_detections(
         draw.rectangle((x, y, x + text_w, y + text_h), fill=colour)
         draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
+
+
+def mask_outlines(masks: Tensor, thickness: int = 1) -> Tensor:
+    """``(N, H, W)`` bool -> the pixels of each mask within ``thickness`` px of its border (mask minus its erosion)."""
+    if not len(masks):
+        return masks.clone()
+    size = 2 * thickness + 1
+    inside = masks.float().unsqueeze(1)
+    eroded = -torch.nn.functional.max_pool2d(-inside, size, stride=1, padding=thickness)  # min-pool: erosion
+    return (inside - eroded).squeeze(1) > 0
+
+
+def draw_masks(image: Tensor, masks: Tensor, labels: Tensor, alpha: float = 0.45, thickness: int = 1) -> Tensor:
+    """Instance masks ``(N, H, W)`` bool on a uint8 ``(3, H, W)`` image: each filled with its class colour at
+    ``alpha`` (torchvision's ``draw_segmentation_masks``) and outlined in it, later masks over earlier ones."""
+    from torchvision.utils import draw_segmentation_masks
+
+    if not len(masks):
+        return image.clone()
+    if masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"masks of size {tuple(masks.shape[-2:])} do not fit the {tuple(image.shape[-2:])} image")
+    colours = [PALETTE[int(k) % len(PALETTE)] for k in labels.tolist()]
+    filled = draw_segmentation_masks(image, masks.bool(), alpha=alpha, colors=colours)
+    return draw_segmentation_masks(filled, mask_outlines(masks.bool(), thickness), alpha=1.0, colors=colours)
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:

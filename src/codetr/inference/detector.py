@@ -26,6 +26,7 @@ from codetr.inference.description import ModelDescription, describe_recipe, read
 from codetr.inference.inputs import ImageLike, is_single_image, prepare_batch, resize_pipeline, to_uint8_rgb
 from codetr.inference.tta import TTAConfig, merge_views, unflip
 from codetr.models.mask_ops import paste_masks
+from codetr.utils import rle
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,15 +78,8 @@ class Detections:
 
 
 def encode_masks(masks: Tensor) -> list[dict]:
-    """``(N, H, W)`` bool -> COCO compressed RLE dicts (``counts`` as text), with pycocotools."""
-    import numpy as np
-    import pycocotools.mask as mask_utils
-
-    out = []
-    for mask in masks.cpu().numpy().astype(np.uint8):
-        rle = mask_utils.encode(np.asfortranarray(mask))
-        out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
-    return out
+    """``(N, H, W)`` bool -> COCO compressed RLE dicts (``counts`` as text)."""
+    return [rle.encode(mask) for mask in masks]
 
 
 class Detector:
@@ -194,9 +188,10 @@ class Detector:
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision])
 
     def detect_view(self, images: Sequence[Tensor], scale: float = 1.0, flipped: bool = False,
-                    precision: str | None = None) -> list[dict[str, Tensor]]:
-        """Raw detections (all the post-processor keeps) of uint8 ``(3, H, W)`` images seen at ``scale`` times
-        the test size, mirrored when ``flipped``; boxes xyxy in ORIGINAL, unmirrored pixels, on the CPU."""
+                    precision: str | None = None, min_score: float = 0.0) -> list[dict[str, Tensor]]:
+        """Raw detections (all the post-processor keeps, with ``scores >= min_score``) of uint8 ``(3, H, W)`` images
+        seen at ``scale`` times the test size, mirrored when ``flipped``; boxes xyxy in ORIGINAL, unmirrored pixels,
+        on the CPU. Masks (``(N, h, w)`` bool, original size) are pasted for those detections only."""
         views = [image.flip(-1) if flipped else image for image in images]
         batch = prepare_batch(views, self._pipeline(scale), self.size_divisor).to(self.device)
         with torch.inference_mode(), self._autocast(precision):
@@ -204,6 +199,9 @@ class Detector:
             found = self.model(normalized, batch.image_sizes)
         out = []
         for det, (w_scale, h_scale), image in zip(found, batch.scale_factors.tolist(), images):
+            if min_score > 0:
+                kept = det["scores"] >= min_score
+                det = {k: v[kept] for k, v in det.items()}
             # resized frame -> original pixels (padding lies bottom/right, so no offset is involved)
             boxes = det["boxes"].float().cpu() / torch.tensor([w_scale, h_scale, w_scale, h_scale])
             entry = {"scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
@@ -218,13 +216,13 @@ class Detector:
         return out
 
     def detect(self, images: Sequence[Tensor], tta: TTAConfig | None = None,
-               precision: str | None = None) -> list[dict[str, Tensor]]:
-        """:meth:`detect_view` at the test size, or every TTA view merged (:mod:`codetr.inference.tta`)."""
+               precision: str | None = None, min_score: float = 0.0) -> list[dict[str, Tensor]]:
+        """:meth:`detect_view` at the test size (detections below ``min_score`` dropped before their masks are
+        pasted), or every TTA view merged (:mod:`codetr.inference.tta`; each view keeps ``tta.min_score``)."""
         if tta is None:
-            return self.detect_view(images, precision=precision)
-        if getattr(self.model, "mask_branch", None) is not None:
-            raise ValueError("test-time augmentation merges boxes only; this model predicts masks: run it without tta")
-        per_view = [self.detect_view(images, scale, flipped, precision) for scale, flipped in tta.views()]
+            return self.detect_view(images, precision=precision, min_score=min_score)
+        per_view = [self.detect_view(images, scale, flipped, precision, tta.min_score)
+                    for scale, flipped in tta.views()]
         return [merge_views([view[i] for view in per_view], tta) for i in range(len(images))]
 
     def predict(self, images: ImageLike | Sequence[ImageLike], score_threshold: float = 0.0, batch_size: int = 1,
@@ -251,7 +249,7 @@ class Detector:
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             chunk = [to_uint8_rgb(item) for item in items[start:start + batch_size]]
-            for image, det in zip(chunk, self.detect(chunk, tta, precision)):
+            for image, det in zip(chunk, self.detect(chunk, tta, precision, score_threshold)):
                 labels = det["labels"].long()
                 found = Detections(det["boxes"], det["scores"], labels, [self.name_of(k) for k in labels.tolist()],
                                    tuple(image.shape[-2:]), det.get("masks"), det.get("mask_scores"))

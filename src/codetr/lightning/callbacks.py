@@ -8,11 +8,13 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from codetr.models.mask_ops import paste_masks
 from codetr.visualize import draw_detections
 
 
@@ -117,11 +119,12 @@ class ExpMomentumEMA(pl.Callback):
 
 
 class DetectionImageLogger(pl.Callback):
-    """Logs the first ``num_images`` validation images of each epoch with their boxes. W&B gets box overlays
-    (``wandb.Image`` boxes: ``ground_truth`` and ``predictions`` as separate layers one can toggle, with class
-    names and scores; predictions with score >= ``score_threshold``); TensorBoard (``add_image``) gets the
-    predictions drawn into the pixels. Everything is in the network-input frame (``xyxy`` input pixels) on the
-    un-normalised uint8 image."""
+    """Logs the first ``num_images`` validation images of each epoch with their boxes (and instance masks). W&B gets
+    box overlays (``wandb.Image`` boxes: ``ground_truth`` and ``predictions`` as separate layers one can toggle, with
+    class names and scores; predictions with score >= ``score_threshold``) and, for a model with a mask branch, mask
+    layers of the same names (one class-labelled map per image, better-scored instances on top); TensorBoard
+    (``add_image``) gets the predictions drawn into the pixels. Everything is in the network-input frame (``xyxy``
+    input pixels) on the un-normalised uint8 image."""
 
     def __init__(self, num_images: int = 4, score_threshold: float = 0.3):
         self.num_images, self.score_threshold = int(num_images), float(score_threshold)
@@ -142,9 +145,15 @@ class DetectionImageLogger(pl.Callback):
             if len(self._samples) >= self.num_images:
                 break
             keep = det["scores"] >= self.score_threshold
-            self._samples.append({"image": image[:, :h, :w].cpu(), "boxes": det["boxes"][keep].cpu(),
-                                  "scores": det["scores"][keep].cpu(), "labels": det["labels"][keep].cpu(),
-                                  "gt_boxes": target["boxes"].cpu(), "gt_labels": target["labels"].cpu()})
+            sample = {"image": image[:, :h, :w].cpu(), "boxes": det["boxes"][keep].cpu(),
+                      "scores": det["scores"][keep].cpu(), "labels": det["labels"][keep].cpu(),
+                      "gt_boxes": target["boxes"].cpu(), "gt_labels": target["labels"].cpu()}
+            if "mask_probs" in det:  # pasted in the input frame, like the boxes
+                threshold = float(pl_module.detector.mask_branch.mask_threshold)
+                sample["masks"] = paste_masks(det["mask_probs"][keep].float().cpu(), sample["boxes"], h, w, threshold)
+                if "masks" in target:
+                    sample["gt_masks"] = target["masks"][:, :h, :w].cpu().bool()
+            self._samples.append(sample)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._samples or trainer.global_rank != 0:
@@ -157,7 +166,7 @@ class DetectionImageLogger(pl.Callback):
             elif hasattr(getattr(logger, "experiment", None), "add_image"):
                 for index, sample in enumerate(self._samples):
                     drawn = draw_detections(sample["image"], sample["boxes"], sample["labels"], sample["scores"],
-                                            names, self.score_threshold)
+                                            names, self.score_threshold, masks=sample.get("masks"))
                     logger.experiment.add_image(f"val/predictions/{index}", drawn, trainer.global_step)
         self._samples = []
 
@@ -182,7 +191,26 @@ def wandb_boxes_image(sample: dict[str, Any], class_names: list[str] | None) -> 
         known = {int(c): labels.get(int(c), str(int(c))) for c in classes.tolist()}
         return {"box_data": rows, "class_labels": {**labels, **known}}
 
+    masks = {}
+    for name, key, classes, scores in (("ground_truth", "gt_masks", "gt_labels", None),
+                                       ("predictions", "masks", "labels", "scores")):
+        if key in sample:
+            masks[name] = {"mask_data": instance_label_map(sample[key], sample[classes],
+                                                           sample[scores] if scores else None),
+                           "class_labels": {0: "background", **{k + 1: v for k, v in labels.items()},
+                                            **{int(c) + 1: labels.get(int(c), str(int(c)))
+                                               for c in sample[classes].tolist()}}}
     return wandb.Image(sample["image"].permute(1, 2, 0).numpy(), boxes={
         "ground_truth": layer(sample["gt_boxes"], sample["gt_labels"], None),
         "predictions": layer(sample["boxes"], sample["labels"], sample["scores"]),
-    })
+    }, **({"masks": masks} if masks else {}))
+
+
+def instance_label_map(masks: Tensor, labels: Tensor, scores: Tensor | None = None) -> np.ndarray:
+    """``(N, H, W)`` bool masks -> ``(H, W)`` int map of class index + 1 (0 = background), what W&B's mask layer
+    shows; where masks overlap the better-scored one (else the later one) wins."""
+    out = np.zeros(masks.shape[-2:], dtype=np.int64)
+    order = scores.argsort().tolist() if scores is not None else range(len(masks))
+    for index in order:
+        out[masks[index].numpy()] = int(labels[index]) + 1
+    return out

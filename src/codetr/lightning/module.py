@@ -68,6 +68,16 @@ def with_rle_masks(detections: Sequence[dict[str, Tensor]], orig_sizes: Tensor, 
     return out
 
 
+def evaluation_outputs(stage: str, metrics: dict[str, float], evaluator: Any) -> dict[str, Any]:
+    """What an evaluation leaves for the tables, files and dashboards: metrics, box ``details`` / ``results`` and,
+    when the evaluator computed mask AP, ``segm_details`` / ``segm_results`` (else None)."""
+    segm = bool(getattr(evaluator, "segm", False))
+    return {"stage": stage, "metrics": metrics, "details": getattr(evaluator, "details", None),
+            "results": getattr(evaluator, "results", None),
+            "segm_details": evaluator.segm_details if segm else None,
+            "segm_results": evaluator.segm_results if segm else None}
+
+
 class CoDETRModule(pl.LightningModule):
     """Training / evaluation / prediction of a :class:`codetr.models.co_detr.CoDETR`.
 
@@ -117,6 +127,8 @@ class CoDETRModule(pl.LightningModule):
         self._evaluators: dict[str, Any] = {}
         # the last evaluation's metrics, per-class AP / PR curves and COCO result records (for evaluate, callbacks)
         self.last_evaluation: dict[str, Any] | None = None
+        # evaluation only: each detection's box, filled, as its mask (the baseline mask AP; codetr.evaluate)
+        self.masks_from_boxes = False
         self.description = dict(description) if description is not None else None
         # running sum / count of this epoch's (rank-averaged, finite) step losses, saved in every checkpoint so that
         # a mid-epoch resume logs train/loss_epoch over the whole epoch, not only the steps after the restart
@@ -229,6 +241,9 @@ class CoDETRModule(pl.LightningModule):
         if evaluator is not None:
             original = to_original_frame(detections, batch.scale_factors)
             if getattr(evaluator, "segm", False):
+                if self.masks_from_boxes:
+                    original = [{**d, "mask_probs": torch.ones_like(d["mask_probs"]), "mask_scores": d["scores"]}
+                                for d in original]
                 original = with_rle_masks(original, batch.orig_sizes, evaluator.max_detections,
                                           self.detector.mask_branch.mask_threshold)
             evaluator.update([int(i) for i in batch.image_ids],
@@ -243,8 +258,7 @@ class CoDETRModule(pl.LightningModule):
         # compute() returns the same numbers on every rank (gathered predictions), so no reduction is needed.
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "AP")
-        self.last_evaluation = {"stage": stage, "metrics": metrics, "details": getattr(evaluator, "details", None),
-                                "results": getattr(evaluator, "results", None)}
+        self.last_evaluation = evaluation_outputs(stage, metrics, evaluator)
         return metrics
 
     def on_validation_epoch_start(self) -> None:

@@ -129,9 +129,14 @@ class TextProgress(ProgressBar):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1}
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())[:6])
+        headline = [k for k in HEADLINE_METRICS if k in metrics] or sorted(metrics)[:6]
+        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in headline)
         self._write(trainer, "validation done in %s%s", _duration(time.monotonic() - self._validation_start),
                     f": {shown}" if shown else "")
+
+
+# what the one validation line shows when logged: box AP and, with a mask branch, mask AP
+HEADLINE_METRICS = ("val/AP", "val/AP50", "val/AP75", "val/segm_AP", "val/segm_AP50", "val/segm_AP75")
 
 
 def progress_bar(leave: bool = True, every_n_steps: int = 50, every_seconds: float = 60.0,

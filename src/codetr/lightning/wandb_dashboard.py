@@ -1,5 +1,6 @@
 """What a practitioner reads in W&B after each validation: per-class AP as a table and a bar chart, the
-precision-recall curves as an image, and the best ``val/AP`` so far with its epoch in the run summary.
+precision-recall curves as an image (box, and with a mask branch the same for mask AP), and the best value of the
+monitored metric so far (``val/AP`` or ``val/segm_AP``) with its epoch in the run summary.
 
 Reads :attr:`codetr.lightning.CoDETRModule.last_evaluation` (metrics, per-class AP, PR curves of the epoch's
 evaluation); logs to every ``WandbLogger`` of the trainer, from rank 0. Checkpoints become W&B artifacts
@@ -23,15 +24,16 @@ PER_CLASS_COLUMNS = ("class", "category_id", "objects", "AP", "AP50", "AP75")
 
 class WandbEvaluationDashboard(pl.Callback):
     """Per-class AP (``<stage>/per_class_AP`` table, ``<stage>/per_class_AP_bar`` chart),
-    ``<stage>/pr_curves`` image and, for validation, ``best/val_AP`` / ``best/epoch`` / ``best/step`` in the
-    run summary.
+    ``<stage>/pr_curves`` image (mask AP: ``<stage>/per_class_segm_AP``, ``..._bar``, ``<stage>/segm_pr_curves``)
+    and, for validation, ``best/val_<metric>`` / ``best/epoch`` / ``best/step`` in the run summary.
 
     Args:
-        monitor: the metric whose best value goes to the summary (``mode="max"``).
+        monitor: the metric whose best value goes to the summary (``mode="max"``): ``AP``, ``segm_AP``, or the
+            logged key (``val/AP``).
     """
 
     def __init__(self, monitor: str = "AP"):
-        self.monitor = monitor
+        self.monitor = monitor.split("/", 1)[-1]
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_step: int | None = None
@@ -47,25 +49,29 @@ class WandbEvaluationDashboard(pl.Callback):
             return
         import wandb
 
-        stage, metrics, details = evaluation["stage"], evaluation["metrics"], evaluation["details"]
+        stage, metrics = evaluation["stage"], evaluation["metrics"]
         payload: dict[str, Any] = {}
-        if details is not None and details.per_class:
-            rows = [
-                [r["name"], r["category_id"], r["num_gt"], r["AP"], r["AP50"], r["AP75"]]
-                for r in details.sorted_per_class()
-            ]
-            table = wandb.Table(columns=list(PER_CLASS_COLUMNS), data=rows)
-            payload[f"{stage}/per_class_AP"] = table
-            payload[f"{stage}/per_class_AP_bar"] = wandb.plot.bar(
-                table, "class", "AP", title=f"{stage} AP per class (epoch {trainer.current_epoch})"
-            )
-            with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:  # wandb copies the images when they are logged
+            for kind, details in (("", evaluation.get("details")), ("segm_", evaluation.get("segm_details"))):
+                if details is None or not details.per_class:
+                    continue
+                what = "mask AP" if kind else "AP"
+                rows = [
+                    [r["name"], r["category_id"], r["num_gt"], r["AP"], r["AP50"], r["AP75"]]
+                    for r in details.sorted_per_class()
+                ]
+                table = wandb.Table(columns=list(PER_CLASS_COLUMNS), data=rows)
+                payload[f"{stage}/per_class_{kind}AP"] = table
+                payload[f"{stage}/per_class_{kind}AP_bar"] = wandb.plot.bar(
+                    table, "class", "AP", title=f"{stage} {what} per class (epoch {trainer.current_epoch})"
+                )
                 image = plot_pr_curves(
                     details,
-                    Path(folder) / "pr.png",
-                    title=f"{stage} precision-recall, epoch {trainer.current_epoch}",
+                    Path(folder) / f"{kind}pr.png",
+                    title=f"{stage} {what} precision-recall, epoch {trainer.current_epoch}",
                 )
-                payload[f"{stage}/pr_curves"] = wandb.Image(str(image))
+                payload[f"{stage}/{kind}pr_curves"] = wandb.Image(str(image))
+            if payload:
                 for logger in loggers:
                     logger.log_metrics(payload, step=trainer.global_step)
         value = metrics.get(self.monitor)

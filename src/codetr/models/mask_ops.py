@@ -62,24 +62,22 @@ def boundary_band(masks: Tensor, width: int) -> Tensor:
         return (response > 0.1).float().squeeze(1)
 
     positive, negative = edge(padded), edge(1 - padded)
-    block = torch.zeros_like(target, dtype=torch.long)
-    block[(positive + negative) > 0] = 1
-    block[(target - positive) > 0] = 2
-    return block
+    block = torch.where((positive + negative) > 0, 1, 0)  # where, not masked assignment: exportable
+    return torch.where((target - positive) > 0, 2, block).long()
 
 
 def refine_stages(stage_logits: list[Tensor]) -> Tensor:
     """Inference refinement from stage 1 on: at every next stage, pixels outside the previous stage's boundary band
     (width 1, at its binary 0.5 threshold) take the previous stage's logits bilinearly upsampled. Returns the final
     ``(R, 1, S, S)`` logits (the inputs are not modified)."""
-    logits = [s.clone() for s in stage_logits[1:]]
+    logits = list(stage_logits[1:])
     for index in range(len(logits) - 1):
         binary = logits[index].squeeze(1).sigmoid() >= 0.5
         size = logits[index + 1].shape[-2:]
         outside = (boundary_band(binary, 1) != 1).unsqueeze(1).float()
         outside = F.interpolate(outside, size, mode="bilinear", align_corners=True) >= 0.5
         previous = F.interpolate(logits[index], size, mode="bilinear", align_corners=True)
-        logits[index + 1][outside] = previous[outside]
+        logits[index + 1] = torch.where(outside, previous, logits[index + 1])
     return logits[-1]
 
 

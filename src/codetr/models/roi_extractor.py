@@ -39,11 +39,17 @@ class MultiLevelRoIExtractor(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         size = self.output_size
-        out = feats[0].new_zeros(len(rois), feats[0].shape[1], size, size)
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], size, size)
         if len(self.strides) == 1:  # the reference skips the level mapping for one level
             return roi_align(feats[0], rois.to(feats[0].dtype), size, 1.0 / self.strides[0], self.sampling_ratio,
                              aligned=True)
         levels = self.levels(rois[:, 1:])
+        if torch.compiler.is_exporting():  # fixed shapes: every level for every RoI, each RoI's own level kept
+            for level, stride in enumerate(self.strides):
+                pooled = roi_align(feats[level], rois.to(feats[level].dtype), size, 1.0 / stride, self.sampling_ratio,
+                                   aligned=True).to(out.dtype)
+                out = torch.where((levels == level).view(-1, 1, 1, 1), pooled, out)
+            return out
         for level, stride in enumerate(self.strides):
             inds = torch.nonzero(levels == level).view(-1)
             if len(inds):

@@ -44,15 +44,21 @@ def format_metric(value: float) -> str:
     return f"{100 * value:.1f}" if value <= 1.0 else f"{value:.4g}"
 
 
-def metrics_table(metrics: Mapping[str, float], title: str = "COCO box AP") -> Table:
-    """A two-column table of AP-style metrics (``val/AP`` or ``AP`` keys)."""
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+def metrics_table(metrics: Mapping[str, float], title: str | None = None) -> Table:
+    """A table of AP-style metrics (``val/AP`` or ``AP`` keys); with mask AP (``segm_`` keys) a ``box`` and a ``mask``
+    column side by side. Default title: "COCO box AP" / "COCO box and mask AP"."""
     short = {k.split("/")[-1]: float(v) for k, v in metrics.items()}
-    ordered = [k for k in METRIC_ORDER if k in short] + sorted(k for k in short if k not in METRIC_ORDER)
+    masks = {k.removeprefix("segm_"): v for k, v in short.items() if k.startswith("segm_")}
+    table = Table(title=title or ("COCO box and mask AP" if masks else "COCO box AP"))
+    table.add_column("metric")
+    boxes = {k: v for k, v in short.items() if not k.startswith("segm_")}
+    columns = [("box", boxes), ("mask", masks)] if masks else [("value", boxes)]
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    names = set(boxes) | set(masks)
+    ordered = [k for k in METRIC_ORDER if k in names] + sorted(k for k in names if k not in METRIC_ORDER)
     for key in ordered:
-        table.add_row(key, format_metric(short[key]))
+        table.add_row(key, *(format_metric(values[key]) if key in values else "" for _, values in columns))
     return table
 
 
@@ -79,7 +85,7 @@ def _print(table: Table) -> None:
     log_to_files("\n" + plain.export_text())
 
 
-def print_metrics(metrics: Mapping[str, float], title: str = "COCO box AP") -> None:
+def print_metrics(metrics: Mapping[str, float], title: str | None = None) -> None:
     _print(metrics_table(metrics, title))
 
 

@@ -144,6 +144,16 @@ class MaskBranch(nn.Module):
         return overlap / (predicted.sum((-1, -2)) + whole - overlap)
 
     # ------------------------------------------------------------------ inference
+    def refined_logits(self, pyramid: Sequence[Tensor], rois: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Final refined logits ``(R, S, S)`` of ``rois`` ``(R, 5)`` and the predicted IoU of each RoI's class
+        ``(R,)`` (None without mask scoring)."""
+        stage_logits, roi_feats, _ = self.forward_rois(pyramid, rois, labels)
+        ious = None
+        if self.mask_iou_head is not None:
+            predicted = self.mask_iou_head(roi_feats, stage_logits[1].squeeze(1))
+            ious = predicted.gather(1, labels.long().view(-1, 1)).squeeze(1)
+        return refine_stages(stage_logits).squeeze(1), ious
+
     @torch.no_grad()
     def predict(self, pyramid: Sequence[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Adds to each image's detections (``boxes`` xyxy input pixels, ``scores``, ``labels``) ``mask_probs``
@@ -152,18 +162,34 @@ class MaskBranch(nn.Module):
         size = self.mask_head.stage_sizes[-1]  # the final logits' grid
         for image, det in enumerate(detections):
             boxes, labels = det["boxes"], det["labels"]
+            feats = [level[image: image + 1] for level in pyramid]
             probs, ious = [], []
             for start in range(0, len(boxes), self.test_chunk):
-                chunk = boxes[start: start + self.test_chunk]
-                rois = rois_from_boxes([chunk]).to(pyramid[0])
-                feats = [level[image: image + 1] for level in pyramid]
-                stage_logits, roi_feats, _ = self.forward_rois(feats, rois, labels[start: start + self.test_chunk])
-                if self.mask_iou_head is not None:
-                    predicted = self.mask_iou_head(roi_feats, stage_logits[1].squeeze(1))
-                    ious.append(predicted[torch.arange(len(rois), device=rois.device),
-                                          labels[start: start + self.test_chunk]])
-                probs.append(refine_stages(stage_logits).squeeze(1).float().sigmoid())
+                rois = rois_from_boxes([boxes[start: start + self.test_chunk]]).to(pyramid[0])
+                logits, iou = self.refined_logits(feats, rois, labels[start: start + self.test_chunk])
+                probs.append(logits.float().sigmoid())
+                if iou is not None:
+                    ious.append(iou)
             mask_probs = torch.cat(probs) if probs else boxes.new_zeros((0, size, size))
             scores = det["scores"] * torch.cat(ious).to(det["scores"]) if ious else det["scores"]
             out.append({**det, "mask_probs": mask_probs, "mask_scores": scores})
         return out
+
+    def deploy(self, pyramid: Sequence[Tensor], boxes: Tensor, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Export mode, for the post-processor's fixed-shape top-k (``boxes`` ``(B, M, 4)`` xyxy input pixels,
+        ``scores`` / ``labels`` ``(B, M)``): refined mask logits ``(B, M, S, S)`` and mask scores ``(B, M)``. RoIs go
+        through the head ``test_chunk`` detections of every image at a time (``M`` is fixed, so the chunks are)."""
+        batch, count = boxes.shape[:2]
+        index = torch.arange(batch, device=boxes.device).to(boxes.dtype).view(batch, 1, 1)
+        logits, ious = [], []
+        for start in range(0, count, self.test_chunk):
+            chunk = boxes[:, start: start + self.test_chunk]
+            width = chunk.shape[1]
+            rois = torch.cat([index.expand(batch, width, 1), chunk], 2).reshape(batch * width, 5)
+            chunk_logits, iou = self.refined_logits(pyramid, rois.to(pyramid[0].dtype),
+                                                    labels[:, start: start + self.test_chunk].reshape(-1))
+            logits.append(chunk_logits.reshape(batch, width, *chunk_logits.shape[-2:]))
+            if iou is not None:
+                ious.append(iou.reshape(batch, width))
+        mask_scores = scores * torch.cat(ious, 1).to(scores.dtype) if ious else scores
+        return torch.cat(logits, 1).float(), mask_scores

@@ -27,6 +27,10 @@ class MaskIoUHead(nn.Module):
     def __init__(self, in_channels: int, roi_size: int, num_classes: int, num_convs: int = 2, num_fcs: int = 1,
                  conv_channels: int = 256, fc_channels: int = 1024, score_use_sigmoid: bool = True):
         super().__init__()
+        if roi_size % 2:
+            # the stride-2 conv maps S to ceil(S / 2), the fc expects (S // 2)^2 positions (as the reference's)
+            raise ValueError(f"mask IoU head: roi_size must be even (its last conv halves it), got {roi_size}; the "
+                             "mask branch's first stage size (model.mask_stage_sizes[0]) sets it")
         self.roi_size, self.score_use_sigmoid = roi_size, score_use_sigmoid
         self.convs = nn.ModuleList(
             ConvNormReLU(in_channels + 1 if i == 0 else conv_channels, conv_channels,

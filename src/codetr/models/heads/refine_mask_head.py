@@ -156,7 +156,7 @@ class SimpleRefineMaskHead(nn.Module):
             feats = conv(feats)
         for conv in self.semantic_convs:
             semantic = conv(semantic)
-        rows = torch.arange(len(rois), device=rois.device)
+        rows = torch.arange(rois.shape[0], device=rois.device)  # shape, not len(): export keeps it symbolic
         stage_logits, keep_in_graph = [], feats.sum() * 0 + semantic.sum() * 0
         for index, stage in enumerate(self.stages):
             logits = self.stage_instance_logits[index](feats)[rows, labels][:, None]
